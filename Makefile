@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (the whole pipeline on the embedded demo data) and `make test`.
+# Both create .venv/ from requirements.txt on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m crossmodal.pipeline --demo $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: $(VENV)/.installed lint
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf data/demo features runs

@@ -1,0 +1,249 @@
+"""COCO caption splits: reading annotations (pycocotools or the Karpathy file) and images.
+
+A split is read once into a :class:`CaptionSplit`, a plain columnar view:
+
+- images sorted by COCO id: ``image_ids`` (N_img,), ``file_names`` (N_img,) relative to
+  ``image_dir``;
+- captions grouped by image (in image order), then by caption id: ``caption_ids``,
+  ``caption_image_ids`` (N_cap,) and ``captions`` (N_cap,). Every caption is kept (some COCO
+  images have 6 or 7).
+
+Split names are free (``train2014``, ``val2017``, ``train``...). A suffix ``[a:b]`` takes a
+slice of the images sorted by id, so one annotated split can be cut into train and
+held-out parts (``train2017[:100]``, ``train2017[100:]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+_SLICE_RE = re.compile(r"^(?P<base>[^\[\]]+)(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+@dataclass
+class CaptionSplit:
+    """One caption split, columnar. Shapes: images (N_img,), captions (N_cap,)."""
+
+    name: str
+    image_dir: Path
+    image_ids: np.ndarray
+    file_names: list[str]
+    caption_ids: np.ndarray
+    caption_image_ids: np.ndarray
+    captions: list[str]
+    source: str
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.caption_ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_dir / self.file_names[index]
+
+    def caption_image_rows(self) -> np.ndarray:
+        """Row (index into ``image_ids``) of each caption's image, shape (N_cap,)."""
+        return rows_of(self.image_ids, self.caption_image_ids)
+
+    def captions_of(self, image_id: int) -> list[str]:
+        return [c for c, i in zip(self.captions, self.caption_image_ids, strict=True) if i == image_id]
+
+    def summary(self) -> str:
+        per_image = np.bincount(self.caption_image_rows(), minlength=self.num_images)
+        hist = ", ".join(f"{k}: {v}" for k, v in sorted(zip(*np.unique(per_image, return_counts=True), strict=True)))
+        text = (
+            f"split {self.name}: {self.num_images} images, {self.num_captions} captions "
+            f"(captions per image -> images: {hist}) from {self.source}"
+        )
+        for what, ids in self.skipped.items():
+            text += f"\n  skipped {len(ids)} {what}"
+        return text
+
+
+def rows_of(ids: np.ndarray, query_ids: np.ndarray) -> np.ndarray:
+    """Positions of ``query_ids`` in ``ids`` (both int arrays); raises if any is absent."""
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids, query_ids, sorter=order)
+    pos = np.clip(pos, 0, len(ids) - 1)
+    rows = order[pos]
+    missing = ids[rows] != query_ids if len(ids) else np.ones(len(query_ids), bool)
+    if np.any(missing):
+        raise DataError(f"ids not found: {np.asarray(query_ids)[missing][:10].tolist()}")
+    return rows
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+    """``'train2017[10:20]'`` -> ``('train2017', slice(10, 20))``."""
+    m = _SLICE_RE.match(split)
+    if not m:
+        raise DataError(f"bad split name {split!r}: expected NAME or NAME[start:stop]")
+    to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
+    return m["base"], slice(to_int(m["start"]), to_int(m["stop"]))
+
+
+def load_split(
+    coco_root: str | Path,
+    split: str,
+    karpathy_file: str | Path | None = None,
+    skip_bad: bool = False,
+) -> CaptionSplit:
+    """Read a caption split.
+
+    COCO layout: ``<coco_root>/annotations/captions_<split>.json`` with images under
+    ``<coco_root>/<split>/``. With ``karpathy_file`` (``dataset_coco.json``), ``split`` is one
+    of train/restval/val/test, or several joined by ``+``; images under
+    ``<coco_root>/<filepath>/<filename>``.
+
+    Images without captions and empty captions raise :class:`DataError`, or with
+    ``skip_bad`` are dropped, counted in ``CaptionSplit.skipped`` and logged.
+    """
+    coco_root = Path(coco_root)
+    base, sl = parse_split(split)
+    if karpathy_file is not None:
+        images, anns, image_dir, source = _read_karpathy(coco_root, base, Path(karpathy_file))
+    else:
+        images, anns, image_dir, source = _read_coco(coco_root, base)
+    return _build(split, image_dir, images, anns, source, sl, skip_bad)
+
+
+def _read_coco(root: Path, base: str):
+    ann_file = root / "annotations" / f"captions_{base}.json"
+    if not ann_file.is_file():
+        ann_dir = root / "annotations"
+        found = sorted(p.name[len("captions_") : -5] for p in ann_dir.glob("captions_*.json"))
+        hint = f"; splits available there: {', '.join(found)}" if found else ""
+        raise DataError(f"split {base!r}: annotation file {ann_file} does not exist{hint}")
+    from pycocotools.coco import COCO
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco = COCO(str(ann_file))
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise DataError(f"annotation file {ann_file} is not valid COCO json: {e}") from e
+    except (KeyError, TypeError) as e:
+        raise DataError(f"annotation file {ann_file} lacks a required field: {e}") from e
+    try:
+        images = [(int(im["id"]), str(im["file_name"])) for im in coco.imgs.values()]
+        anns = [(int(a["id"]), int(a["image_id"]), a["caption"]) for a in coco.anns.values()]
+    except KeyError as e:
+        raise DataError(f"annotation file {ann_file}: an entry lacks the field {e}") from e
+    return images, anns, root / base, str(ann_file)
+
+
+def _read_karpathy(root: Path, base: str, path: Path):
+    if not path.is_file():
+        raise DataError(f"Karpathy split file {path} does not exist")
+    parts = base.split("+")
+    bad = [p for p in parts if p not in KARPATHY_SPLITS]
+    if bad:
+        raise DataError(f"split {base!r} not in the Karpathy file {path}: use {'/'.join(KARPATHY_SPLITS)}")
+    try:
+        data = json.loads(path.read_text())
+        images, anns = [], []
+        for im in data["images"]:
+            if im["split"] not in parts:
+                continue
+            iid = int(im["cocoid"])
+            images.append((iid, f"{im['filepath']}/{im['filename']}"))
+            anns += [(int(s["sentid"]), iid, s["raw"]) for s in im["sentences"]]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"Karpathy split file {path} is not valid json: {e}") from e
+    except (KeyError, TypeError) as e:
+        raise DataError(f"Karpathy split file {path}: an entry lacks the field {e}") from e
+    return images, anns, root, f"{path}:{base}"
+
+
+def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
+    if not images:
+        raise DataError(f"split {name!r} in {source} has no images")
+    images.sort()
+    all_ids = {i for i, _ in images}
+    images = images[sl]
+    if not images:
+        raise DataError(f"split {name!r}: the slice leaves no images (source {source})")
+    image_ids = np.array([i for i, _ in images], dtype=np.int64)
+    if len(np.unique(image_ids)) != len(image_ids):
+        raise DataError(f"split {name!r} in {source}: duplicate image ids")
+    known = set(image_ids.tolist())
+    skipped: dict[str, list[int]] = {}
+
+    def bad(what: str, ident: int, msg: str):
+        if not skip_bad:
+            raise DataError(f"{msg} (in {source}; pass skip-bad to drop and count such entries)")
+        skipped.setdefault(what, []).append(ident)
+
+    kept = []
+    for cid, iid, text in sorted(anns, key=lambda a: (a[1], a[0])):
+        if iid not in known:
+            if iid not in all_ids:
+                raise DataError(f"caption {cid} refers to image {iid}, which is not in {source}")
+            continue  # belongs to an image outside the slice
+        if not isinstance(text, str) or not text.strip():
+            bad("empty captions", cid, f"caption {cid} of image {iid} is empty")
+            continue
+        kept.append((cid, iid, " ".join(text.split())))
+    with_caps = {iid for _, iid, _ in kept}
+    keep_img = []
+    for iid, fn in images:
+        if iid in with_caps:
+            keep_img.append((iid, fn))
+        else:
+            bad("images without captions", iid, f"image {iid} ({fn}) has no captions")
+    if not keep_img:
+        raise DataError(f"split {name!r} in {source} has no image with a caption")
+    for what, ids in skipped.items():
+        log.warning("split %s: skipped %d %s (first ids: %s)", name, len(ids), what, ids[:5])
+    order = {iid: k for k, (iid, _) in enumerate(keep_img)}
+    kept.sort(key=lambda a: (order[a[1]], a[0]))
+    return CaptionSplit(
+        name=name,
+        image_dir=Path(image_dir),
+        image_ids=np.array([i for i, _ in keep_img], dtype=np.int64),
+        file_names=[f for _, f in keep_img],
+        caption_ids=np.array([c for c, _, _ in kept], dtype=np.int64),
+        caption_image_ids=np.array([i for _, i, _ in kept], dtype=np.int64),
+        captions=[t for _, _, t in kept],
+        source=source,
+        skipped=skipped,
+    )
+
+
+def load_image(path: str | Path, image_id: int | None = None) -> Image.Image:
+    """Decode an image file to RGB, whatever its mode (L, CMYK, P, RGBA...).
+
+    Transparent images are composited on white. Missing, unreadable, truncated or corrupt
+    files raise :class:`DataError` naming the file and the image id.
+    """
+    what = f"image {path}" + (f" (id {image_id})" if image_id is not None else "")
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode: truncated files fail here, not later
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(bg, rgba).convert("RGB")
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise DataError(f"{what} does not exist") from e
+    except UnidentifiedImageError as e:
+        raise DataError(f"{what} is not a readable image (corrupt or not an image file)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{what} cannot be decoded ({e}); the file may be truncated or corrupt") from e

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real COCO samples in ../shared/data and a demo dataset made once."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CROSSMODAL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared(name: str) -> Path:
+    """Path of a folder in ../shared/data, or skip the test with a message when absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real COCO samples not found at {path} (set CROSSMODAL_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A reduced demo dataset (80 train / 30 val images), generated once per session."""
+    from crossmodal.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, num_train=80, num_val=30, seed=0, image_size=128)
+    return root
