@@ -1,0 +1,123 @@
+"""Command lines of the two feature-database stages (``make_database_img.py``,
+``make_database_text.py``): flags -> encoder -> :mod:`crossmodal.extract`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .cli import add_data_args, add_run_args, resolve_device, setup_logging
+from .coco import load_split
+from .errors import DataError
+from .extract import extract_images, extract_texts, merge_shards, resolve_shard
+from .image_encoders import IMAGE_ENCODERS, build_image_encoder
+from .store import feature_path
+
+log = logging.getLogger(__name__)
+
+
+def _add_shard_args(p):
+    g = p.add_argument_group("sharding (also read from torchrun's RANK / WORLD_SIZE)")
+    g.add_argument("--shard", type=int, default=None, help="this process's shard, 0-based")
+    g.add_argument("--num-shards", type=int, default=None)
+    g.add_argument("--merge", action="store_true", help="join the --num-shards shard files into one and exit")
+    p.add_argument("--features-dir", default="features")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def image_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Encode the images of a split into region-averaged features.")
+    add_data_args(p)
+    p.add_argument("--encoder", default="effnet-lite0", choices=IMAGE_ENCODERS)
+    p.add_argument("--input-size", type=int, default=None, help="effnet-lite0: square input side (default 256)")
+    g = p.add_argument_group("fasterrcnn")
+    g.add_argument("--detector-weights", default="torchvision",
+                   help="'torchvision' (its COCO weights, downloaded/cached by torchvision) or a state-dict PATH")
+    g.add_argument("--detector-version", default="v1", choices=["v1", "v2"])
+    g.add_argument("--top-n", type=int, default=100, help="RPN proposals (after NMS) averaged per image")
+    g.add_argument("--pooling", default="mean", choices=["mean", "objectness"])
+    g.add_argument("--min-size", type=int, default=None, help="shorter side (default 800)")
+    g.add_argument("--max-size", type=int, default=None, help="longer side cap (default 1333)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                   help="DataLoader processes decoding images")
+    _add_shard_args(p)
+    add_run_args(p, batch_size=16)
+    return p
+
+
+def text_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Encode the captions of a split with FastText or BERT.")
+    add_data_args(p)
+    p.add_argument("--encoder", default="fasttext", choices=["fasttext", "bert"])
+    g = p.add_argument_group("fasttext")
+    g.add_argument("--fasttext-model", default=None, help="a pretrained fastText .bin (else one is trained)")
+    g.add_argument("--fasttext-train-split", default=None,
+                   help="the TRAIN split whose captions train the model (default: --split, refused if held out)")
+    g.add_argument("--fasttext-dim", type=int, default=300)
+    g.add_argument("--fasttext-epoch", type=int, default=10)
+    g.add_argument("--fasttext-bucket", type=int, default=200_000, help="subword hash buckets (model size)")
+    g = p.add_argument_group("bert")
+    g.add_argument("--bert-model", default="minilm",
+                   help="Hugging Face name or local folder; 'minilm' = the offline all-MiniLM-L6-v2 package")
+    g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
+    g.add_argument("--max-length", type=int, default=64)
+    _add_shard_args(p)
+    add_run_args(p, batch_size=128)
+    return p
+
+
+def run_image(argv=None) -> dict:
+    a = image_parser().parse_args(argv)
+    setup_logging(a.verbose)
+    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
+    npy = feature_path(a.features_dir, a.split, "img", a.encoder)
+    shard = resolve_shard(a.shard, a.num_shards)
+    if a.merge:
+        meta = merge_shards(npy, shard[1], split.image_ids)
+    else:
+        enc = build_image_encoder(
+            a.encoder, input_size=a.input_size, detector_weights=a.detector_weights,
+            detector_version=a.detector_version, top_n=a.top_n, pooling=a.pooling, min_size=a.min_size,
+            max_size=a.max_size)
+        meta = extract_images(split, enc, npy, batch_size=a.batch_size, workers=a.workers,
+                              device=resolve_device(a.device), shard=shard, skip_bad=a.skip_bad, force=a.force,
+                              progress=not a.no_progress)
+    log.info("image features: %d x %d (%s) -> %s", meta["count"], meta["dim"], meta["encoder"], npy)
+    return meta
+
+
+def _fasttext_encoder(a, split):
+    from .text_encoders import FastTextEncoder, train_fasttext
+
+    if a.fasttext_model:
+        return FastTextEncoder(a.fasttext_model)
+    train_name = a.fasttext_train_split or a.split
+    train = split if train_name == a.split else load_split(a.coco_root, train_name, a.karpathy_file, a.skip_bad)
+    path = train_fasttext(train, a.features_dir, dim=a.fasttext_dim, epoch=a.fasttext_epoch,
+                          bucket=a.fasttext_bucket)
+    return FastTextEncoder(path, info={"source": "trained", "train_split": train.name})
+
+
+def run_text(argv=None) -> dict:
+    a = text_parser().parse_args(argv)
+    setup_logging(a.verbose)
+    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
+    npy = feature_path(a.features_dir, a.split, "text", a.encoder)
+    shard = resolve_shard(a.shard, a.num_shards)
+    if a.merge:
+        meta = merge_shards(npy, shard[1], split.caption_ids)
+    else:
+        if a.encoder == "fasttext":
+            enc = _fasttext_encoder(a, split)
+        else:
+            from .text_encoders import BertEncoder
+
+            enc = BertEncoder(a.bert_model, pooling=a.pooling, max_length=a.max_length,
+                              device=resolve_device(a.device))
+        if not split.num_captions:
+            raise DataError(f"split {a.split} has no captions")
+        meta = extract_texts(split, enc, npy, batch_size=a.batch_size, shard=shard, force=a.force,
+                             progress=not a.no_progress)
+    log.info("caption features: %d x %d (%s) -> %s", meta["count"], meta["dim"], meta["encoder"], npy)
+    return meta

