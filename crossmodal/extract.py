@@ -78,7 +78,7 @@ def _collate(batch):
 
 def extract_images(
     split: CaptionSplit, encoder: torch.nn.Module, npy: Path, *, batch_size: int = 16, workers: int = 1,
-    device: torch.device = torch.device("cpu"), shard: tuple[int, int] = (0, 1), skip_bad: bool = False,
+    device: torch.device | None = None, shard: tuple[int, int] = (0, 1), skip_bad: bool = False,
     force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
@@ -92,6 +92,7 @@ def extract_images(
     writer = ResumableWriter(npy, stop - start, encoder.dim, job)
     if writer.done:
         log.info("resuming %s at image %d of %d", npy, writer.done, stop - start)
+    device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()
     data = _ImageRows(split, np.arange(start + writer.done, stop), encoder.preprocess)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_collate,

@@ -107,7 +107,7 @@ def train_fasttext(
             except RuntimeError as e:
                 if "NaN" not in str(e) or t == 1e-1:
                     raise ModelError(f"fastText training on {split.name} failed: {e}") from e
-                log.warning("fastText hit NaN with subsampling t=%g on this small corpus; retrying with t=%g", t, t * 10)
+                log.warning("fastText hit NaN with subsampling t=%g (small corpus); retrying with t=%g", t, t * 10)
     finally:
         Path(f.name).unlink()
     tmp = path.with_name(path.name + ".tmp")

@@ -193,7 +193,10 @@ def test_fasterrcnn_without_weights_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights as W
 
-    monkeypatch.setattr(W.DEFAULT.__class__, "get_state_dict", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    def offline(*_a, **_k):
+        raise OSError("offline")
+
+    monkeypatch.setattr(W.DEFAULT.__class__, "get_state_dict", offline)
     with pytest.raises(ModelError, match="--detector-weights PATH") as e:
         FasterRCNNRegions("torchvision")
     assert "download them once" in str(e.value)
