@@ -95,25 +95,27 @@ def train_fasttext(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(normalise_caption(c) for c in split.captions) + "\n")
-    # fastText aborts with "Encountered NaN" when its frequent-word subsampling (t) empties the
-    # first lines of a small corpus (0 examples -> loss 0/0); subsample less and retry.
+    # fastText sometimes aborts with "Encountered NaN" on small corpora (its loss is 0/0 until a
+    # line yields an example, and the check races with the training thread; seen on coco-tiny).
+    # Retry, then subsample frequent words less and lower the learning rate.
+    attempts = [(1e-4, 0.05), (1e-4, 0.05), (1e-3, 0.05), (1e-3, 0.025), (1e-2, 0.025)]
     try:
-        for t in (1e-4, 1e-3, 1e-2, 1e-1):
+        for k, (t, lr) in enumerate(attempts):
             try:
                 model = fasttext.train_unsupervised(
                     f.name, model="skipgram", dim=dim, epoch=epoch, minCount=1, bucket=bucket, thread=threads,
-                    t=t, verbose=0)
+                    t=t, lr=lr, verbose=0)
                 break
             except RuntimeError as e:
-                if "NaN" not in str(e) or t == 1e-1:
+                if "NaN" not in str(e) or k == len(attempts) - 1:
                     raise ModelError(f"fastText training on {split.name} failed: {e}") from e
-                log.warning("fastText hit NaN with subsampling t=%g (small corpus); retrying with t=%g", t, t * 10)
+                log.warning("fastText hit NaN (t=%g, lr=%g); retrying with t=%g, lr=%g", t, lr, *attempts[k + 1])
     finally:
         Path(f.name).unlink()
     tmp = path.with_name(path.name + ".tmp")
     model.save_model(str(tmp))
     tmp.replace(path)
-    write_json(side, {"params": params, "subsampling_t": t, "sha256_16": file_digest(path)})
+    write_json(side, {"params": params, "t": t, "lr": lr, "sha256_16": file_digest(path)})
     return path
 
 
