@@ -1,0 +1,167 @@
+"""Retrieval metrics, exact, without sorting the gallery.
+
+Relevance is given in CSR form: the relevant gallery items of query ``q`` are
+``rel_idx[rel_ptr[q]:rel_ptr[q+1]]``. For img2text a query image's relevant items are all its
+captions; for text2img a caption's one relevant item is its image
+(:func:`img2text_relevance`, :func:`text2img_relevance`).
+
+Ranking is by descending similarity, ties broken by gallery order (as a stable sort of the
+negated scores). A relevant item's 0-based rank is the number of gallery items scored above
+it, plus the number of equal-scored items before it in the gallery; it is computed from
+query chunks of the similarity matrix, so memory stays ``O(chunk x G)``.
+
+Definitions (DESIGN.md): P@K = relevant in top K / K; AP = mean over the relevant items of
+the precision at each one's rank; R@K = 100 x share of queries with a relevant item in the
+top K; medr = floor(median of first-relevant 0-based rank) + 1 (the VSE++ convention);
+meanr = mean of first-relevant 1-based rank; rsum = the six R@{1,5,10} added up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DIRECTIONS = ("img2text", "text2img")
+RECALL_KS = (1, 5, 10)
+
+
+def img2text_relevance(cap_img_rows: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR relevance for image queries over a caption gallery. ``cap_img_rows`` (N_cap,)."""
+    cap_img_rows = np.asarray(cap_img_rows, dtype=np.int64)
+    order = np.argsort(cap_img_rows, kind="stable")
+    ptr = np.zeros(num_images + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum(np.bincount(cap_img_rows, minlength=num_images))
+    return ptr, order
+
+
+def text2img_relevance(cap_img_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR relevance for caption queries over an image gallery: one item each."""
+    cap_img_rows = np.asarray(cap_img_rows, dtype=np.int64)
+    return np.arange(len(cap_img_rows) + 1, dtype=np.int64), cap_img_rows.copy()
+
+
+def relevant_ranks(
+    queries: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray, rel_ptr: np.ndarray,
+    rel_idx: np.ndarray, chunk: int = 1024,
+) -> np.ndarray:
+    """0-based ranks of every relevant item, CSR-aligned with ``rel_idx`` and sorted within each
+    query. ``queries`` (Q, d), ``gallery`` (G, d); similarity = inner product."""
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32) if not torch.is_tensor(queries) else queries)
+    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32) if not torch.is_tensor(gallery) else gallery)
+    gt = g.t().contiguous()
+    rel_ptr = np.asarray(rel_ptr, dtype=np.int64)
+    rel_idx = np.asarray(rel_idx, dtype=np.int64)
+    n_rel = np.diff(rel_ptr)
+    if len(n_rel) != len(q):
+        raise ValueError(f"relevance lists {len(n_rel)} queries, embeddings have {len(q)}")
+    if n_rel.min(initial=1) < 1:
+        raise ValueError(f"query {int(np.argmin(n_rel))} has no relevant item")
+    out = np.empty(len(rel_idx), dtype=np.int64)
+    with torch.inference_mode():
+        for a in range(0, len(q), chunk):
+            b = min(a + chunk, len(q))
+            sims = q[a:b] @ gt  # (B, G)
+            counts = n_rel[a:b]
+            width = int(counts.max())
+            # padded relevant matrix (B, width); padding repeats the query's first relevant item
+            offs = np.minimum(np.arange(width)[None, :], counts[:, None] - 1)
+            flat = rel_ptr[a:b, None] + offs
+            rel = torch.from_numpy(rel_idx[flat])
+            s_rel = sims.gather(1, rel)  # (B, width)
+            above = torch.empty_like(rel)
+            ties = torch.zeros(b - a, dtype=torch.bool)
+            for j in range(width):
+                col = s_rel[:, j : j + 1]
+                above[:, j] = (sims > col).sum(1)
+                ties |= (sims == col).sum(1) > 1
+            ranks = above
+            for r in torch.nonzero(ties).flatten().tolist():  # rare: break ties by gallery order
+                row = sims[r]
+                for j in range(int(counts[r])):
+                    item = int(rel[r, j])
+                    ranks[r, j] += int((row[:item] == row[item]).sum())
+            ranks = ranks.numpy()
+            valid = np.arange(width)[None, :] < counts[:, None]
+            sorted_r = np.sort(np.where(valid, ranks, np.iinfo(np.int64).max), axis=1)
+            out[rel_ptr[a] : rel_ptr[b]] = sorted_r[valid]  # valid entries sort first
+    return out
+
+
+def metrics_from_ranks(ranks: np.ndarray, rel_ptr: np.ndarray, prefix: str = "", ks=(1, 5)) -> dict:
+    """P@K, mAP, R@1/5/10, medr, meanr from CSR ranks (sorted within each query)."""
+    rel_ptr = np.asarray(rel_ptr, dtype=np.int64)
+    n_rel = np.diff(rel_ptr)
+    qid = np.repeat(np.arange(len(n_rel)), n_rel)
+    pos = np.arange(len(ranks)) - rel_ptr[qid] + 1  # 1-based position among the query's relevant items
+    ap = np.bincount(qid, weights=pos / (ranks + 1), minlength=len(n_rel)) / n_rel
+    first = ranks[rel_ptr[:-1]]
+    m = {}
+    for k in ks:
+        hits = np.bincount(qid, weights=(ranks < k).astype(np.float64), minlength=len(n_rel))
+        m[f"{prefix}P@{k}"] = float(np.mean(hits / k))
+    m[f"{prefix}mAP"] = float(ap.mean())
+    for k in RECALL_KS:
+        m[f"{prefix}R@{k}"] = float(100.0 * np.mean(first < k))
+    m[f"{prefix}medr"] = float(np.floor(np.median(first)) + 1)
+    m[f"{prefix}meanr"] = float(first.mean() + 1)
+    return m
+
+
+def pr_curve(ranks: np.ndarray, rel_ptr: np.ndarray, gallery_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every cut-off K = 1..G, averaged over queries: two (G,) arrays."""
+    n_rel = np.diff(np.asarray(rel_ptr, dtype=np.int64))
+    qid = np.repeat(np.arange(len(n_rel)), n_rel)
+    hits = np.bincount(ranks, minlength=gallery_size)[:gallery_size].astype(np.float64)
+    rec_w = np.bincount(ranks, weights=1.0 / n_rel[qid], minlength=gallery_size)[:gallery_size]
+    k = np.arange(1, gallery_size + 1)
+    return np.cumsum(hits) / (len(n_rel) * k), np.cumsum(rec_w) / len(n_rel)
+
+
+def evaluate(
+    img_emb, text_emb, cap_img_rows: np.ndarray, directions=DIRECTIONS, ks=(1, 5), chunk: int = 1024,
+    with_curves: bool = False,
+) -> dict:
+    """All metrics for the given directions. ``img_emb`` (N_img, d), ``text_emb`` (N_cap, d),
+    ``cap_img_rows`` (N_cap,). With ``with_curves``, also ``{dir}_pr`` = (precision, recall)."""
+    m: dict = {}
+    for d in directions:
+        if d == "img2text":
+            ptr, idx = img2text_relevance(cap_img_rows, len(img_emb))
+            q, g = img_emb, text_emb
+        elif d == "text2img":
+            ptr, idx = text2img_relevance(cap_img_rows)
+            q, g = text_emb, img_emb
+        else:
+            raise ValueError(f"unknown direction {d!r}")
+        ranks = relevant_ranks(q, g, ptr, idx, chunk=chunk)
+        m.update(metrics_from_ranks(ranks, ptr, prefix=f"{d}_", ks=ks))
+        if with_curves:
+            m[f"{d}_pr"] = pr_curve(ranks, ptr, len(g))
+    if all(f"{d}_R@1" in m for d in DIRECTIONS):
+        m["rsum"] = float(sum(m[f"{d}_R@{k}"] for d in DIRECTIONS for k in RECALL_KS))
+    return m
+
+
+def evaluate_protocol(img_emb, text_emb, cap_img_rows, protocol: str = "full", **kw) -> dict:
+    """``full``: the whole split. ``5k``: the same, checked to be 5,000 images (Karpathy test).
+    ``1k``: mean over consecutive 1,000-image folds (five on the Karpathy test set), each fold
+    with its own images' captions."""
+    img_emb, text_emb = np.asarray(img_emb), np.asarray(text_emb)
+    cap_img_rows = np.asarray(cap_img_rows)
+    if protocol == "full":
+        return evaluate(img_emb, text_emb, cap_img_rows, **kw)
+    if protocol == "5k":
+        if len(img_emb) != 5000:
+            raise ValueError(f"protocol 5k needs the 5,000-image Karpathy test split, got {len(img_emb)} images")
+        return evaluate(img_emb, text_emb, cap_img_rows, **kw)
+    if protocol != "1k":
+        raise ValueError(f"unknown protocol {protocol!r}: full, 5k or 1k")
+    n_folds = len(img_emb) // 1000
+    if n_folds < 1 or len(img_emb) % 1000:
+        raise ValueError(f"protocol 1k needs a multiple of 1,000 images, got {len(img_emb)}")
+    kw = {k: v for k, v in kw.items() if k != "with_curves"}
+    folds = []
+    for f in range(n_folds):
+        caps = np.flatnonzero((cap_img_rows >= f * 1000) & (cap_img_rows < (f + 1) * 1000))
+        folds.append(evaluate(img_emb[f * 1000 : (f + 1) * 1000], text_emb[caps], cap_img_rows[caps] - f * 1000, **kw))
+    return {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}
