@@ -22,6 +22,7 @@ def setup_logging(verbose: bool = False) -> None:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:

@@ -46,8 +46,8 @@ def relevant_ranks(
 ) -> np.ndarray:
     """0-based ranks of every relevant item, CSR-aligned with ``rel_idx`` and sorted within each
     query. ``queries`` (Q, d), ``gallery`` (G, d); similarity = inner product."""
-    q = torch.as_tensor(np.asarray(queries, dtype=np.float32) if not torch.is_tensor(queries) else queries)
-    g = torch.as_tensor(np.asarray(gallery, dtype=np.float32) if not torch.is_tensor(gallery) else gallery)
+    q = queries if torch.is_tensor(queries) else torch.from_numpy(np.array(queries, dtype=np.float32))
+    g = gallery if torch.is_tensor(gallery) else torch.from_numpy(np.array(gallery, dtype=np.float32))
     gt = g.t().contiguous()
     rel_ptr = np.asarray(rel_ptr, dtype=np.int64)
     rel_idx = np.asarray(rel_idx, dtype=np.int64)

@@ -1,0 +1,63 @@
+"""Projection heads into the shared space, and the two triplet losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionHead(nn.Module):
+    """Standardise -> Linear(d_in, hidden) -> ReLU -> Dropout -> Linear(hidden, out_dim) -> L2-normalise.
+
+    (N, d_in) -> (N, out_dim). The input standardisation (per-dimension mean and std of the
+    training features, buffers saved with the weights) matters: fastText sentence vectors,
+    for one, differ from each other by ~1e-4 per dimension around a large common mean."""
+
+    def __init__(self, d_in: int, hidden: int = 1024, out_dim: int = 128, dropout: float = 0.1, l2norm: bool = True):
+        super().__init__()
+        self.config = {"d_in": d_in, "hidden": hidden, "out_dim": out_dim, "dropout": dropout, "l2norm": l2norm}
+        self.register_buffer("mean", torch.zeros(d_in))
+        self.register_buffer("std", torch.ones(d_in))
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+        self.l2norm = l2norm
+
+    @torch.no_grad()
+    def fit_standardisation(self, feats: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set the input mean/std from training features (N, d_in)."""
+        f = feats.double()
+        self.mean.copy_(f.mean(0).float())
+        self.std.copy_(f.std(0).clamp_min(eps).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net((x - self.mean) / self.std)
+        return F.normalize(y, dim=-1) if self.l2norm else y
+
+
+def random_negative_loss(anchor, pos, neg, margin: float = 1.0) -> torch.Tensor:
+    """The seed's recipe: ``TripletMarginLoss`` (Euclidean) on one sampled negative per anchor.
+    All (B, d)."""
+    return F.triplet_margin_loss(anchor, pos, neg, margin=margin)
+
+
+def hardest_negative_loss(
+    img: torch.Tensor, txt: torch.Tensor, img_rows: torch.Tensor, margin: float = 0.2, direction: str = "both"
+) -> torch.Tensor:
+    """VSE++ max-of-hinges on cosine similarity, in-batch hardest negatives.
+
+    ``img`` (B, d) and ``txt`` (B, d) are the embeddings of B positive (image, caption) pairs,
+    ``img_rows`` (B,) the pairs' image rows: a caption of the same image is never a negative.
+    ``img2text`` = image anchors against captions, ``text2img`` = caption anchors against
+    images, ``both`` = the sum. Mean over anchors."""
+    sims = img @ txt.t()  # (B, B); pair i is (img i, txt i); masked entries -> relu(-inf) = 0
+    pos = sims.diagonal()
+    same = img_rows[:, None] == img_rows[None, :]
+    neg = sims.masked_fill(same, float("-inf"))
+    loss = sims.new_zeros(())
+    if direction in ("img2text", "both"):
+        hard = neg.max(dim=1).values  # hardest caption for each image anchor
+        loss = loss + F.relu(margin - pos + hard).mean()
+    if direction in ("text2img", "both"):
+        hard = neg.max(dim=0).values  # hardest image for each caption anchor
+        loss = loss + F.relu(margin - pos + hard).mean()
+    return loss

@@ -1,0 +1,85 @@
+"""Faiss indexes over L2-normalised embeddings, inner product (= cosine).
+
+``flat`` is exact; ``ivf`` (IndexIVFFlat: ``nlist`` cells, ``nprobe`` visited) and ``hnsw``
+(IndexHNSWFlat: ``M`` links, ``efSearch``) trade a little recall for speed on large galleries.
+Variable names follow faiss: ``xb`` gallery, ``xq`` queries, ``k``, ``D`` scores, ``I`` ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FeatureError
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+def default_nlist(n: int) -> int:
+    """About 4 sqrt(N) cells, but at least 39 training points per cell (faiss's own minimum)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def build_index(xb: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
+                hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200):
+    """Index ``xb`` (N, d) float32. Returns a faiss index; its parameters are in :func:`describe`."""
+    import faiss
+
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    d = xb.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or default_nlist(len(xb))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(xb)
+        index.nprobe = min(nprobe, nlist)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: {', '.join(INDEX_KINDS)}")
+    index.add(xb)
+    return index
+
+
+def describe(index) -> dict:
+    import faiss
+
+    out = {"type": type(index).__name__, "ntotal": int(index.ntotal), "d": int(index.d), "metric": "inner_product"}
+    if isinstance(index, faiss.IndexIVF):
+        out.update(nlist=int(index.nlist), nprobe=int(index.nprobe))
+    if isinstance(index, faiss.IndexHNSW):
+        out.update(M=int(index.hnsw.nb_neighbors(1)), efSearch=int(index.hnsw.efSearch))
+    return out
+
+
+def save_index(index, path: str | Path) -> None:
+    import faiss
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+    path.with_suffix(".faiss.json").write_text(json.dumps(describe(index), indent=1))
+
+
+def load_index(path: str | Path, expect_ntotal: int | None = None):
+    import faiss
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"Faiss index {path} does not exist (run get_features_captions.py first)")
+    index = faiss.read_index(str(path))
+    if expect_ntotal is not None and index.ntotal != expect_ntotal:
+        raise FeatureError(f"Faiss index {path} holds {index.ntotal} vectors, its embeddings {expect_ntotal}")
+    return index
+
+
+def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k``: ``D`` (Q, k) scores and ``I`` (Q, k) gallery rows, best first."""
+    return index.search(np.ascontiguousarray(xq, dtype=np.float32), min(k, index.ntotal))

@@ -1,0 +1,360 @@
+"""Training of the two projection heads on cached features (the four training scripts).
+
+The scripts differ only in ``direction`` (img2text: image anchor, +/- captions; text2img:
+caption anchor, +/- images) and text encoder (fasttext, bert); :func:`build_parser` takes
+those two as defaults and :func:`run` does the rest.
+
+Features are held in memory as tensors (memory-mapped past ``--max-ram-gb``) and every
+batch is one tensor gather: there is no per-sample Python on the hot path. Each epoch ends
+with validation R@1/5/10 in both directions (:mod:`crossmodal.metrics`); the best epoch by
+rsum is kept. A run lives in ``runs/<name>/``: ``args.json``, ``results.jsonl``,
+``last.pt``/``best.pt`` (plain state dicts + args + feature sidecars; ``weights_only``
+loadable) and ``figures/training.png``. An interrupted run resumes from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cli import add_run_args, code_version, resolve_device, setup_logging
+from .coco import rows_of
+from .errors import DataError, FeatureError, ModelError
+from .heads import ProjectionHead, hardest_negative_loss, random_negative_loss
+from .metrics import evaluate
+from .store import feature_path, load_features, write_json
+from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NEGATIVES = "random"  # measured on the demo data: README "Choosing the loss"
+DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2}
+# arguments that do not change what is trained
+_RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", "max_ram_gb")
+
+
+def encoder_identity(meta: dict) -> dict:
+    """What makes two feature files interchangeable: encoder, settings, weights and dim."""
+    return {k: meta.get(k) for k in ("kind", "encoder", "settings", "weights", "dim")}
+
+
+@dataclass
+class Pairs:
+    """Features of one split, captions joined to their images.
+
+    ``img`` (N_img, D_img), ``txt`` (N_cap, D_txt) float32 tensors (or memmaps),
+    ``cap_img_rows`` (N_cap,) int64."""
+
+    img: torch.Tensor | np.ndarray
+    txt: torch.Tensor | np.ndarray
+    cap_img_rows: np.ndarray
+    img_meta: dict
+    txt_meta: dict
+
+
+def load_pairs(img_npy: Path, txt_npy: Path, max_ram_gb: float = 8.0) -> Pairs:
+    """Load a split's image and caption features; captions whose image has no features (an
+    unreadable image skipped at extraction) are dropped, counted and logged."""
+    img, im = load_features(img_npy)
+    txt, tm = load_features(txt_npy)
+    if im.get("kind") != "img" or tm.get("kind") != "text":
+        raise FeatureError(f"{img_npy} must hold image features and {txt_npy} caption features")
+    if len(img) == 0 or len(txt) == 0:
+        raise DataError(f"empty split: {img_npy} has {len(img)} rows, {txt_npy} has {len(txt)}")
+    img_ids = np.asarray(im["ids"], dtype=np.int64)
+    cap_img_ids = np.asarray(tm["image_ids"], dtype=np.int64)
+    keep = np.isin(cap_img_ids, img_ids)
+    if not keep.all():
+        log.warning("%s: %d captions dropped: their images have no features in %s", txt_npy, (~keep).sum(), img_npy)
+    if not keep.any():
+        raise FeatureError(f"no caption in {txt_npy} belongs to an image in {img_npy}: different splits?")
+    rows = rows_of(img_ids, cap_img_ids[keep])
+    in_ram = (img.nbytes + txt.nbytes) / 2**30 <= max_ram_gb
+
+    def bank(a, sel=None):
+        if sel is not None and not sel.all():
+            a = a[sel]
+        return torch.from_numpy(np.array(a, dtype=np.float32)) if in_ram else a  # np.array: a writable copy
+
+    return Pairs(bank(img), bank(txt, keep), rows, im, tm)
+
+
+def _take(bank, idx: np.ndarray, device) -> torch.Tensor:
+    """Rows ``idx`` of a feature bank as a (len(idx), D) tensor on ``device``."""
+    if torch.is_tensor(bank):
+        return bank[torch.from_numpy(idx).to(bank.device)].to(device, non_blocking=True)
+    return torch.from_numpy(np.asarray(bank[np.sort(idx)])[np.argsort(np.argsort(idx))]).to(device)
+
+
+@torch.inference_mode()
+def embed_bank(head: ProjectionHead, bank, device=None, chunk: int = 8192) -> torch.Tensor:
+    """Project every row of a feature bank (N, d_in) with ``head`` in eval mode: (N, out_dim) on the CPU."""
+    head.eval()
+    device = device or next(head.parameters()).device
+    parts = [head(_take(bank, np.arange(s, min(s + chunk, len(bank))), device)).float().cpu()
+             for s in range(0, len(bank), chunk)]
+    return torch.cat(parts)
+
+
+def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=f"Train the projection heads, {direction} triplets, {text_encoder} caption features.")
+    p.add_argument("--features-dir", default="features")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--image-encoder", default="effnet-lite0")
+    p.add_argument("--text-encoder", default=text_encoder, choices=["fasttext", "bert"])
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--name", default=None, help=f"run name (default {direction}_{text_encoder})")
+    p.add_argument("--direction", default=direction, choices=["img2text", "text2img", "both"])
+    p.add_argument("--negatives", default=DEFAULT_NEGATIVES, choices=["random", "hardest"],
+                   help="random: one sampled negative, TripletMarginLoss (the seed's recipe); "
+                        "hardest: in-batch hardest negative, VSE++ hinge on cosine")
+    p.add_argument("--margin", type=float, default=None, help="default 1.0 (random) or 0.2 (hardest)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--out-dim", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--no-l2norm", action="store_true", help="do not L2-normalise the head outputs")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "none"])
+    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better rsum")
+    p.add_argument("--resume", action="store_true", help="continue runs/<name>/last.pt (refused if it does not fit)")
+    p.add_argument("--max-ram-gb", type=float, default=8.0, help="features larger than this stay memory-mapped")
+    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p, batch_size=128)
+    return p
+
+
+class Trainer:
+    """Heads, optimiser and the epoch loop; everything a checkpoint needs to resume."""
+
+    def __init__(self, args, train: Pairs, val: Pairs | None, device):
+        self.args, self.train, self.val, self.device = args, train, val, device
+        torch.manual_seed(args.seed)
+        kw = {"hidden": args.hidden, "out_dim": args.out_dim, "dropout": args.dropout, "l2norm": not args.no_l2norm}
+        self.img_head = ProjectionHead(train.img.shape[1], **kw).to(device)
+        self.txt_head = ProjectionHead(train.txt.shape[1], **kw).to(device)
+        for head, bank in ((self.img_head, train.img), (self.txt_head, train.txt)):
+            sample = np.sort(np.random.default_rng(args.seed).permutation(len(bank))[:200_000])
+            head.fit_standardisation(_take(bank, sample, device))
+        params = list(self.img_head.parameters()) + list(self.txt_head.parameters())
+        self.opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, args.epochs))
+                      if args.schedule == "cosine" else None)
+        rows, n_img = train.cap_img_rows, len(train.img)
+        self.i2t = TripletCOCO_Img2Text(rows, n_img, seed=args.seed)
+        self.t2i = TripletCOCO_Text2Img(rows, n_img, seed=args.seed)
+        self.margin = args.margin if args.margin is not None else DEFAULT_MARGIN[args.negatives]
+        if torch.is_tensor(train.img) and device.type == "cuda":
+            train.img, train.txt = train.img.to(device), train.txt.to(device)
+
+    def _loss(self, b: np.ndarray, epoch_idx: dict) -> torch.Tensor:
+        t, dev, a = self.train, self.device, self.args
+        if a.negatives == "hardest":
+            rows = t.cap_img_rows[b]
+            img = self.img_head(_take(t.img, rows, dev))
+            txt = self.txt_head(_take(t.txt, b, dev))
+            return hardest_negative_loss(img, txt, torch.from_numpy(rows).to(dev), self.margin, a.direction)
+        loss = 0.0
+        if a.direction in ("img2text", "both"):
+            an, po, ne = (x[b] for x in epoch_idx["img2text"])
+            loss = loss + random_negative_loss(self.img_head(_take(t.img, an, dev)), self.txt_head(_take(t.txt, po, dev)),
+                                               self.txt_head(_take(t.txt, ne, dev)), self.margin)
+        if a.direction in ("text2img", "both"):
+            an, po, ne = (x[b] for x in epoch_idx["text2img"])
+            loss = loss + random_negative_loss(self.txt_head(_take(t.txt, an, dev)), self.img_head(_take(t.img, po, dev)),
+                                               self.img_head(_take(t.img, ne, dev)), self.margin)
+        return loss
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over all training captions; returns the mean loss. Seeded by (seed, epoch),
+        so a resumed run repeats exactly what an uninterrupted one would do."""
+        a = self.args
+        torch.manual_seed(a.seed * 100_003 + epoch)  # dropout
+        rng = np.random.default_rng([a.seed, epoch, 7])
+        epoch_idx = {}
+        if a.negatives == "random":
+            epoch_idx = {"img2text": self.i2t.epoch_indices(epoch), "text2img": self.t2i.epoch_indices(epoch)}
+        perm = rng.permutation(len(self.train.cap_img_rows))
+        self.img_head.train()
+        self.txt_head.train()
+        total, n = 0.0, 0
+        for s in range(0, len(perm), a.batch_size):
+            b = perm[s : s + a.batch_size]
+            if len(b) < 2:
+                continue
+            loss = self._loss(b, epoch_idx)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += float(loss.detach()) * len(b)
+            n += len(b)
+        if self.sched:
+            self.sched.step()
+        return total / max(n, 1)
+
+    def embed(self, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N_img, out_dim) and (N_cap, out_dim) embeddings, heads in eval mode, on the CPU."""
+        return (embed_bank(self.img_head, pairs.img, self.device),
+                embed_bank(self.txt_head, pairs.txt, self.device))
+
+    def validate(self) -> dict:
+        img, txt = self.embed(self.val)
+        m = evaluate(img, txt, self.val.cap_img_rows, ks=(1, 5))
+        return {k: v for k, v in m.items() if "R@" in k or k == "rsum" or "mAP" in k}
+
+    def state(self, epoch: int, best: dict) -> dict:
+        return {
+            "img_head": self.img_head.state_dict(), "txt_head": self.txt_head.state_dict(),
+            "head_config": {"img": self.img_head.config, "txt": self.txt_head.config},
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict() if self.sched else {},
+            "epoch": epoch, "best": best, "args": vars(self.args), "code_version": code_version(),
+            "img_features": encoder_identity(self.train.img_meta), "txt_features": encoder_identity(self.train.txt_meta),
+        }
+
+    def load_state(self, ck: dict) -> None:
+        self.img_head.load_state_dict(ck["img_head"])
+        self.txt_head.load_state_dict(ck["txt_head"])
+        self.opt.load_state_dict(ck["optimizer"])
+        if self.sched and ck["scheduler"]:
+            self.sched.load_state_dict(ck["scheduler"])
+
+
+def _save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A run's checkpoint, loaded safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist (train the model first)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise ModelError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+
+
+def heads_from_checkpoint(ck: dict) -> tuple[ProjectionHead, ProjectionHead]:
+    img = ProjectionHead(**ck["head_config"]["img"])
+    txt = ProjectionHead(**ck["head_config"]["txt"])
+    img.load_state_dict(ck["img_head"])
+    txt.load_state_dict(ck["txt_head"])
+    return img.eval(), txt.eval()
+
+
+def check_features_fit(ck: dict, img_meta: dict, txt_meta: dict, where: str) -> None:
+    """Refuse features of another encoder, settings or dim than the checkpoint was trained on."""
+    for key, meta, what in (("img_features", img_meta, "image"), ("txt_features", txt_meta, "caption")):
+        want, got = ck[key], encoder_identity(meta)
+        if want != got:
+            diff = [k for k in want if want.get(k) != got.get(k)]
+            raise FeatureError(
+                f"{what} features {where} differ from the checkpoint's in {', '.join(diff)}: checkpoint "
+                f"{want['encoder']} dim {want['dim']}, features {got['encoder']} dim {got['dim']}")
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    from .figures import training_curves
+
+    training_curves(results, path)
+
+
+def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") -> dict:
+    a = build_parser(direction, text_encoder).parse_args(argv)
+    setup_logging(a.verbose)
+    name = a.name or f"{a.direction}_{a.text_encoder}"
+    out = Path(a.runs_dir) / name
+    fd = Path(a.features_dir)
+    paths = {
+        "train_img": feature_path(fd, a.train_split, "img", a.image_encoder),
+        "train_txt": feature_path(fd, a.train_split, "text", a.text_encoder),
+        "val_img": feature_path(fd, a.val_split, "img", a.image_encoder),
+        "val_txt": feature_path(fd, a.val_split, "text", a.text_encoder),
+    }
+    train = load_pairs(paths["train_img"], paths["train_txt"], a.max_ram_gb)
+    val = load_pairs(paths["val_img"], paths["val_txt"], a.max_ram_gb)
+    for kind, tm, vm in (("image", train.img_meta, val.img_meta), ("caption", train.txt_meta, val.txt_meta)):
+        if encoder_identity(tm) != encoder_identity(vm):
+            raise FeatureError(f"train and val {kind} features come from different encoders or settings: "
+                               f"{paths['train_img' if kind == 'image' else 'train_txt']} vs "
+                               f"{paths['val_img' if kind == 'image' else 'val_txt']}")
+    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY}
+    record["name"] = name
+    record["features"] = {k: str(v) for k, v in paths.items()}
+    record["feature_jobs"] = {"img": train.img_meta.get("job"), "txt": train.txt_meta.get("job"),
+                              "val_img": val.img_meta.get("job"), "val_txt": val.txt_meta.get("job")}
+    done_file, last, best_path = out / "done.json", out / "last.pt", out / "best.pt"
+    args_file = out / "args.json"
+    same_args = args_file.is_file() and json.loads(args_file.read_text()) == record
+    if same_args and done_file.is_file() and best_path.is_file() and not a.force:
+        log.info("%s is trained with these arguments and features: skipped (--force retrains)", out)
+        return json.loads(done_file.read_text())
+    device = resolve_device(a.device)
+    trainer = Trainer(a, train, val, device)
+    start, best, results = 0, {"rsum": -1.0, "epoch": -1}, []
+    if a.resume or (same_args and last.is_file() and not a.force):
+        ck = load_checkpoint(last) if last.is_file() else None
+        if ck is None:
+            raise ModelError(f"--resume: {last} does not exist")
+        check_features_fit(ck, train.img_meta, train.txt_meta, f"in {a.features_dir}")
+        trainer.load_state(ck)
+        start, best = ck["epoch"] + 1, ck["best"]
+        results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
+                   if line.strip()] if (out / "results.jsonl").is_file() else []
+        results = [r for r in results if r.get("epoch", -1) < start and r.get("type") == "epoch"]
+        log.info("resuming %s after epoch %d (best rsum %.1f at epoch %d)", out, start - 1, best["rsum"], best["epoch"])
+    else:
+        for f in (done_file, last, best_path, out / "results.jsonl"):
+            f.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(args_file, record)
+    log.info("training %s: %d captions / %d images, val %d / %d, %s negatives (margin %.2f), %s on %s",
+             name, len(train.txt), len(train.img), len(val.txt), len(val.img), a.negatives, trainer.margin,
+             a.direction, device)
+    since_best = 0 if start == 0 else start - 1 - best["epoch"]
+    for epoch in range(start, a.epochs):
+        t0 = time.perf_counter()
+        loss = trainer.train_epoch(epoch)
+        t_train = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise ModelError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+        val_m = trainer.validate()
+        row = {"type": "epoch", "epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"],
+               "train_s": round(t_train, 3), **{f"val_{k}": v for k, v in val_m.items()}}
+        results.append(row)
+        improved = val_m["rsum"] > best["rsum"]
+        if improved:
+            best = {"rsum": val_m["rsum"], "epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()}}
+            _save(trainer.state(epoch, best), best_path)
+            since_best = 0
+        else:
+            since_best += 1
+        _save(trainer.state(epoch, best), last)
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        if not a.no_progress:
+            log.info("epoch %3d  loss %.4f  val R@1 i2t %5.1f t2i %5.1f  rsum %6.1f%s", epoch, loss,
+                     val_m["img2text_R@1"], val_m["text2img_R@1"], val_m["rsum"], "  *" if improved else "")
+        if a.patience and since_best >= a.patience:
+            log.info("early stop: no better rsum for %d epochs", a.patience)
+            break
+    _plot(results, out / "figures" / "training.png")
+    summary = {"name": name, "run_dir": str(out), "best": best, "epochs_run": len(results),
+               "checkpoint": str(best_path)}
+    write_json(done_file, summary)
+    log.info("best epoch %d: rsum %.1f, R@1 i2t %.1f t2i %.1f -> %s", best["epoch"], best["rsum"],
+             best.get("val_img2text_R@1", float("nan")), best.get("val_text2img_R@1", float("nan")), best_path)
+    return summary
