@@ -1,4 +1,4 @@
-"""Train the projection heads: img2text triplets (image anchor, positive and negative captions), bert caption features.
+"""Train the projection heads: img2text triplets (image anchor, +/- captions), bert caption features.
 
     python img2text_bert.py --features-dir features --train-split train --val-split val
     python img2text_bert.py --negatives random          # the seed's recipe: TripletMarginLoss, margin 1.0

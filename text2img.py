@@ -1,4 +1,4 @@
-"""Train the projection heads: text2img triplets (caption anchor, positive and negative images), fasttext caption features.
+"""Train the projection heads: text2img triplets (caption anchor, +/- images), fasttext caption features.
 
     python text2img.py --features-dir features --train-split train --val-split val
     python text2img.py --negatives random          # the seed's recipe: TripletMarginLoss, margin 1.0

@@ -1,4 +1,4 @@
-"""Train the projection heads: text2img triplets (caption anchor, positive and negative images), bert caption features.
+"""Train the projection heads: text2img triplets (caption anchor, +/- images), bert caption features.
 
     python text2img_bert.py --features-dir features --train-split train --val-split val
     python text2img_bert.py --negatives random          # the seed's recipe: TripletMarginLoss, margin 1.0

@@ -167,14 +167,14 @@ class Trainer:
             txt = self.txt_head(_take(t.txt, b, dev))
             return hardest_negative_loss(img, txt, torch.from_numpy(rows).to(dev), self.margin, a.direction)
         loss = 0.0
-        if a.direction in ("img2text", "both"):
-            an, po, ne = (x[b] for x in epoch_idx["img2text"])
-            loss = loss + random_negative_loss(self.img_head(_take(t.img, an, dev)), self.txt_head(_take(t.txt, po, dev)),
-                                               self.txt_head(_take(t.txt, ne, dev)), self.margin)
-        if a.direction in ("text2img", "both"):
-            an, po, ne = (x[b] for x in epoch_idx["text2img"])
-            loss = loss + random_negative_loss(self.txt_head(_take(t.txt, an, dev)), self.img_head(_take(t.img, po, dev)),
-                                               self.img_head(_take(t.img, ne, dev)), self.margin)
+        heads = {"img2text": (self.img_head, t.img, self.txt_head, t.txt),  # anchor head/bank, other head/bank
+                 "text2img": (self.txt_head, t.txt, self.img_head, t.img)}
+        for d in ("img2text", "text2img"):
+            if a.direction in (d, "both"):
+                an, po, ne = (x[b] for x in epoch_idx[d])
+                h_a, bank_a, h_o, bank_o = heads[d]
+                loss = loss + random_negative_loss(h_a(_take(bank_a, an, dev)), h_o(_take(bank_o, po, dev)),
+                                                   h_o(_take(bank_o, ne, dev)), self.margin)
         return loss
 
     def train_epoch(self, epoch: int) -> float:
@@ -220,7 +220,8 @@ class Trainer:
             "head_config": {"img": self.img_head.config, "txt": self.txt_head.config},
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict() if self.sched else {},
             "epoch": epoch, "best": best, "args": vars(self.args), "code_version": code_version(),
-            "img_features": encoder_identity(self.train.img_meta), "txt_features": encoder_identity(self.train.txt_meta),
+            "img_features": encoder_identity(self.train.img_meta),
+            "txt_features": encoder_identity(self.train.txt_meta),
         }
 
     def load_state(self, ck: dict) -> None:

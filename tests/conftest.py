@@ -25,3 +25,19 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(root, num_train=80, num_val=30, seed=0, image_size=128)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_features(demo_root, tmp_path_factory):
+    """Features of the reduced demo dataset: effnet-lite0 images, fastText (small) and BERT captions."""
+    from make_database_img import main as img_main
+    from make_database_text import main as text_main
+
+    feats = tmp_path_factory.mktemp("features")
+    common = ["--coco-root", str(demo_root), "--features-dir", str(feats), "--no-progress"]
+    for split in ("train", "val"):
+        img_main([*common, "--split", split, "--input-size", "128", "--workers", "0"])
+        text_main([*common, "--split", split, "--encoder", "fasttext", "--fasttext-train-split", "train",
+                   "--fasttext-dim", "64", "--fasttext-bucket", "5000"])
+        text_main([*common, "--split", split, "--encoder", "bert"])
+    return feats

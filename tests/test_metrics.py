@@ -17,7 +17,7 @@ def naive(img, txt, cap_img):
             order = np.argsort(-sims[qi], kind="stable")
             rel = (cap_img[order] == qi) if d == "img2text" else (order == cap_img[qi])
             per_q.append(rel)
-        P = lambda k: np.mean([r[:k].sum() / k for r in per_q])  # noqa: E731
+        P = lambda k, per_q=per_q: np.mean([r[:k].sum() / k for r in per_q])  # noqa: E731
         aps = []
         firsts = []
         for r in per_q:

@@ -1,0 +1,149 @@
+"""Training: it learns, resumes exactly, is deterministic, and refuses what does not fit."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from crossmodal.errors import DataError, FeatureError, ModelError
+from crossmodal.heads import hardest_negative_loss
+from crossmodal.store import load_features, save_features
+from crossmodal.train import Trainer, build_parser, load_checkpoint, load_pairs
+from img2text import main as img2text_main
+from text2img_bert import main as text2img_bert_main
+
+
+def _args(feats, runs, *extra):
+    return ["--features-dir", str(feats), "--runs-dir", str(runs), "--no-progress", *extra]
+
+
+def _untrained_val(feats, direction, text_encoder):
+    a = build_parser(direction, text_encoder).parse_args(["--features-dir", str(feats)])
+    pairs = lambda s: load_pairs(feats / f"{s}_img_effnet-lite0.npy", feats / f"{s}_text_{text_encoder}.npy")  # noqa: E731
+    return Trainer(a, pairs("train"), pairs("val"), torch.device("cpu")).validate()
+
+
+@pytest.mark.parametrize("main,direction,enc", [(img2text_main, "img2text", "fasttext"),
+                                                 (text2img_bert_main, "text2img", "bert")])
+def test_training_learns_in_both_directions(demo_features, tmp_path, main, direction, enc):
+    before = _untrained_val(demo_features, direction, enc)
+    summary = main(_args(demo_features, tmp_path, "--epochs", "20"))
+    best = summary["best"]
+    for d in ("img2text", "text2img"):
+        # 30 val images: chance R@1 is ~3%; the trained heads must be far above the untrained ones
+        assert best[f"val_{d}_R@1"] >= before[f"{d}_R@1"] + 10, (d, before, best)
+        assert best[f"val_{d}_R@5"] >= 35, (d, best)
+    run = tmp_path / f"{direction}_{enc}"
+    rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(20)) and rows[-1]["loss"] < rows[0]["loss"]
+    assert json.loads((run / "args.json").read_text())["negatives"] == "random"
+    ck = load_checkpoint(run / "best.pt")  # weights_only=True
+    assert ck["epoch"] == best["epoch"] and ck["txt_features"]["encoder"] == enc
+    assert (run / "figures" / "training.png").stat().st_size > 10_000
+
+
+def test_rerun_is_skipped_when_up_to_date(demo_features, tmp_path, caplog):
+    img2text_main(_args(demo_features, tmp_path, "--epochs", "2"))
+    t0 = (tmp_path / "img2text_fasttext" / "best.pt").stat().st_mtime_ns
+    caplog.set_level("INFO")
+    img2text_main(_args(demo_features, tmp_path, "--epochs", "2"))
+    assert "skipped" in caplog.text
+    assert (tmp_path / "img2text_fasttext" / "best.pt").stat().st_mtime_ns == t0
+
+
+def test_same_seed_same_result(demo_features, tmp_path):
+    a = img2text_main(_args(demo_features, tmp_path / "a", "--epochs", "3", "--negatives", "hardest"))
+    b = img2text_main(_args(demo_features, tmp_path / "b", "--epochs", "3", "--negatives", "hardest"))
+    img2text_main(_args(demo_features, tmp_path / "c", "--epochs", "3", "--negatives", "hardest", "--seed", "1"))
+    ra, rb, rc = (json.loads((tmp_path / x / "img2text_fasttext" / "results.jsonl").read_text().splitlines()[-1])
+                  for x in "abc")
+    assert ra["loss"] == rb["loss"] and ra != rc and a["best"] == b["best"]
+    wa, wb = (load_checkpoint(tmp_path / x / "img2text_fasttext" / "last.pt")["img_head"] for x in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_interruption_matches_uninterrupted(demo_features, tmp_path, monkeypatch):
+    img2text_main(_args(demo_features, tmp_path / "ref", "--epochs", "6"))
+    orig = Trainer.train_epoch
+
+    def dying(self, epoch):
+        if epoch == 4:
+            raise KeyboardInterrupt
+        return orig(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "6"))
+    assert load_checkpoint(tmp_path / "run" / "img2text_fasttext" / "last.pt")["epoch"] == 3
+    monkeypatch.setattr(Trainer, "train_epoch", orig)
+    img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "6", "--resume"))
+    ref = (tmp_path / "ref" / "img2text_fasttext" / "results.jsonl").read_text().splitlines()
+    got = (tmp_path / "run" / "img2text_fasttext" / "results.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_s"}  # noqa: E731
+    assert [strip(x) for x in got] == [strip(x) for x in ref]
+    wa = load_checkpoint(tmp_path / "ref" / "img2text_fasttext" / "best.pt")["txt_head"]
+    wb = load_checkpoint(tmp_path / "run" / "img2text_fasttext" / "best.pt")["txt_head"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _copy_features(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_refuses_features_of_another_dim(demo_features, tmp_path):
+    feats = _copy_features(demo_features, tmp_path / "f")
+    img2text_main(_args(feats, tmp_path, "--epochs", "1"))
+    for split in ("train", "val"):  # same file names, other fastText dim
+        npy = feats / f"{split}_text_fasttext.npy"
+        arr, meta = load_features(npy, mmap=False)
+        save_features(npy, arr[:, :16], dict(meta, weights=dict(meta["weights"], sha256_16="other")))
+    with pytest.raises(FeatureError, match="differ from the checkpoint's in .*dim"):
+        img2text_main(_args(feats, tmp_path, "--epochs", "2", "--resume"))
+
+
+def test_resume_without_checkpoint_is_refused(demo_features, tmp_path):
+    with pytest.raises(ModelError, match="last.pt does not exist"):
+        img2text_main(_args(demo_features, tmp_path, "--resume"))
+
+
+def test_train_and_val_from_different_encoders_refused(demo_features, tmp_path):
+    feats = _copy_features(demo_features, tmp_path / "f")
+    shutil.copy(feats / "val_text_bert.npy", feats / "val_text_fasttext.npy")
+    shutil.copy(feats / "val_text_bert.json", feats / "val_text_fasttext.json")
+    with pytest.raises(FeatureError, match="train and val caption features come from different encoders"):
+        img2text_main(_args(feats, tmp_path))
+
+
+def test_empty_split_refused(demo_features, tmp_path):
+    feats = _copy_features(demo_features, tmp_path / "f")
+    arr, meta = load_features(feats / "train_text_fasttext.npy", mmap=False)
+    save_features(feats / "train_text_fasttext.npy", arr[:0], dict(meta, ids=[], image_ids=[]))
+    with pytest.raises(DataError, match="empty split"):
+        img2text_main(_args(feats, tmp_path))
+
+
+def test_missing_features_name_the_file(tmp_path):
+    with pytest.raises(FeatureError, match=r"train_img_effnet-lite0.npy does not exist"):
+        img2text_main(_args(tmp_path, tmp_path))
+
+
+def naive_hardest(img, txt, rows, margin):
+    B = len(img)
+    s = img @ txt.T
+    i2t = [max([0.0] + [margin - s[i, i] + s[i, j] for j in range(B) if rows[j] != rows[i]]) for i in range(B)]
+    t2i = [max([0.0] + [margin - s[j, j] + s[i, j] for i in range(B) if rows[i] != rows[j]]) for j in range(B)]
+    return np.mean(i2t), np.mean(t2i)
+
+
+def test_hardest_negative_loss_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(9, 5, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(9, 5, generator=g), dim=1)
+    rows = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])  # repeated images: never each other's negative
+    i2t, t2i = naive_hardest(img.numpy(), txt.numpy(), rows.numpy(), 0.2)
+    assert float(hardest_negative_loss(img, txt, rows, 0.2, "img2text")) == pytest.approx(i2t, abs=1e-6)
+    assert float(hardest_negative_loss(img, txt, rows, 0.2, "text2img")) == pytest.approx(t2i, abs=1e-6)
+    assert float(hardest_negative_loss(img, txt, rows, 0.2, "both")) == pytest.approx(i2t + t2i, abs=1e-6)
