@@ -19,11 +19,11 @@ def shared(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
-    """A reduced demo dataset (80 train / 30 val images), generated once per session."""
+    """A reduced demo dataset (200 train / 50 val images, 128 px), generated once per session."""
     from crossmodal.demo_data import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, num_train=80, num_val=30, seed=0, image_size=128)
+    generate_demo_dataset(root, num_train=200, num_val=50, seed=0, image_size=128)
     return root
 
 

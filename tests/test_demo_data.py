@@ -8,7 +8,7 @@ from crossmodal.demo_data import COLOURS, SHAPES, generate_demo_dataset
 
 def test_layout_counts_and_readability(demo_root):
     meta = json.loads((demo_root / "demo_meta.json").read_text())
-    for split, n in (("train", 80), ("val", 30)):
+    for split, n in (("train", 200), ("val", 50)):
         s = load_split(demo_root, split)
         assert s.num_images == n and meta["splits"][split]["images"] == n
         assert s.num_captions == meta["splits"][split]["captions"] >= 5 * n

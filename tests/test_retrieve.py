@@ -28,7 +28,7 @@ def run_dir(demo_features, tmp_path_factory):
 def test_embeddings_are_normalised_and_indexed(run_dir):
     img, im = load_features(run_dir / "embeddings" / "val_emb_img.npy")
     txt, tm = load_features(run_dir / "embeddings" / "val_emb_text.npy")
-    assert img.shape == (30, 128) and txt.shape[1] == 128 and len(tm["image_ids"]) == len(txt)
+    assert img.shape == (50, 128) and txt.shape[1] == 128 and len(tm["image_ids"]) == len(txt)
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
     assert (run_dir / "embeddings" / "val_emb_img.faiss").is_file()
@@ -37,14 +37,14 @@ def test_embeddings_are_normalised_and_indexed(run_dir):
 def test_metric_scripts(run_dir, capsys):
     r = i2t_main(["--run", str(run_dir), "--split", "val"])
     out = capsys.readouterr().out
-    assert "img2text on val (full): 30 queries" in out and "P@1" in out and "R@10" in out
+    assert "img2text on val (full): 50 queries" in out and "P@1" in out and "R@10" in out
     for k in ("img2text_P@1", "img2text_P@5", "img2text_mAP", "img2text_R@1", "img2text_R@5", "img2text_R@10",
               "img2text_medr", "img2text_meanr"):
         assert k in r
     saved = json.loads((run_dir / "retrieval" / "val_img2text_full_metrics.json").read_text())
     assert saved["img2text_mAP"] == r["img2text_mAP"]
     t = t2i_main(["--run", str(run_dir), "--split", "val"])
-    assert t["queries"] > 30 and t["gallery"] == 30
+    assert t["queries"] > 50 and t["gallery"] == 50
     lines = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [x["direction"] for x in lines if x["type"] == "eval"][-2:] == ["img2text", "text2img"]
     pr = Image.open(run_dir / "figures" / "pr_val_img2text_full.png")

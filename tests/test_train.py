@@ -32,8 +32,9 @@ def test_training_learns_in_both_directions(demo_features, tmp_path, main, direc
     summary = main(_args(demo_features, tmp_path, "--epochs", "20"))
     best = summary["best"]
     for d in ("img2text", "text2img"):
-        # 30 val images: chance R@1 is ~3%; the trained heads must be far above the untrained ones
-        assert best[f"val_{d}_R@1"] >= before[f"{d}_R@1"] + 10, (d, before, best)
+        # 50 val images: chance R@1 is 2%; the trained heads must be far above the untrained ones
+        after, untrained = best[f"val_{d}_R@1"], before[f"{d}_R@1"]
+        assert after >= max(3 * untrained, untrained + 7), (d, untrained, after)
         assert best[f"val_{d}_R@5"] >= 35, (d, best)
     run = tmp_path / f"{direction}_{enc}"
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
