@@ -35,6 +35,7 @@ def metrics_parser(direction: str) -> argparse.ArgumentParser:
                    help="full split, Karpathy 5K test, or mean over its five 1K folds")
     p.add_argument("--k", type=int, default=10, help="length of the saved top-k lists")
     p.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (bounds memory)")
+    p.add_argument("--force", action="store_true", help="recompute even if these embeddings were scored already")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -59,6 +60,16 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     setup_logging(a.verbose)
     run_dir = Path(a.run)
     img, txt, rows, im, tm = load_embeddings(run_dir, a.split)
+    out_dir = run_dir / "retrieval"
+    stem = f"{a.split}_{direction}_{a.protocol}".replace("[", "_").replace("]", "").replace(":", "-")
+    source = {"img": [im["job"], im["created"]], "text": [tm["job"], tm["created"]], "k": a.k}
+    saved = out_dir / f"{stem}_metrics.json"
+    if saved.is_file() and not a.force:
+        record = json.loads(saved.read_text())
+        if record.get("source") == source:
+            log.info("%s is up to date: skipped (--force recomputes)", saved)
+            print(_table(run_dir, direction, a, record))
+            return record
     t0 = time.perf_counter()
     m = evaluate_protocol(img, txt, rows, a.protocol, directions=(direction,), chunk=a.chunk,
                           with_curves=a.protocol != "1k")
@@ -69,13 +80,11 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     queries, gallery_key = (img, "text_index") if direction == "img2text" else (txt, "img_index")
     index = load_index(paths[gallery_key], expect_ntotal=len(txt) if direction == "img2text" else len(img))
     D, I = search(index, queries, a.k)
-    out_dir = run_dir / "retrieval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{a.split}_{direction}_{a.protocol}".replace("[", "_").replace("]", "").replace(":", "-")
     np.save(out_dir / f"{stem}_top{a.k}_I.npy", I)
     np.save(out_dir / f"{stem}_top{a.k}_D.npy", D)
     record = {"type": "eval", "direction": direction, "split": a.split, "protocol": a.protocol,
-              "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m}
+              "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m, "source": source}
     write_json(out_dir / f"{stem}_metrics.json", record)
     with open(run_dir / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -84,11 +93,14 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
 
         pr_curves({f"{run_dir.name} {direction}": curve}, run_dir / "figures" / f"pr_{stem}.png",
                   title=f"{direction}, {a.split} ({len(queries)} queries)")
-    table = format_table({run_dir.name: {k.split("_", 1)[1]: v for k, v in m.items()}},
-                         title=f"{direction} on {a.split} ({a.protocol}): {len(queries)} queries, "
-                               f"gallery {index.ntotal}")
-    print(table)
+    print(_table(run_dir, direction, a, record))
     return record
+
+
+def _table(run_dir: Path, direction: str, a, record: dict) -> str:
+    m = {k.split("_", 1)[1]: v for k, v in record.items() if k.startswith(direction + "_")}
+    return format_table({run_dir.name: m}, title=f"{direction} on {a.split} ({a.protocol}): {record['queries']} "
+                                                 f"queries, gallery {record['gallery']}")
 
 
 # --- qualitative figures -----------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The main job: every stage, each through its own script, then one summary table.
+
+    python -m crossmodal.pipeline --demo          # make demo: the embedded dataset, offline encoders
+    python -m crossmodal.pipeline --coco-root ../shared/data/coco-mini \\
+        --train-split 'train2017[:100]' --val-split 'train2017[100:]' --out coco-mini
+
+Stages: demo data -> image features -> fastText and BERT caption features -> the four
+training scripts -> embeddings + Faiss indexes -> both metric scripts -> figures. Each
+stage skips itself when its outputs exist and match its inputs, so a rerun (or a rerun
+after an interruption) redoes only what is missing; ``--force`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli import setup_logging
+
+log = logging.getLogger("crossmodal.pipeline")
+
+MODELS = (  # script, direction, text encoder
+    ("img2text.py", "img2text", "fasttext"),
+    ("text2img.py", "text2img", "fasttext"),
+    ("img2text_bert.py", "img2text", "bert"),
+    ("text2img_bert.py", "text2img", "bert"),
+)
+SUMMARY_KEYS = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help="generate and use the embedded demo dataset")
+    p.add_argument("--coco-root", default=None)
+    p.add_argument("--karpathy-file", default=None)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--out", default="demo", help="results go to features/<out>/ and runs/<out>/")
+    p.add_argument("--image-encoder", default="effnet-lite0")
+    p.add_argument("--bert-model", default="minilm")
+    p.add_argument("--fasttext-dim", type=int, default=300)
+    p.add_argument("--fasttext-bucket", type=int, default=20_000)
+    p.add_argument("--fasttext-epoch", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--demo-train", type=int, default=400, help="demo images in train")
+    p.add_argument("--demo-val", type=int, default=100, help="demo images in val")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _stage(script: str, main, argv: list[str]):
+    log.info("$ python %s %s", script, " ".join(shlex.quote(a) for a in argv))
+    t0 = time.perf_counter()
+    out = main(argv)
+    log.info("  %s done in %.1f s", script, time.perf_counter() - t0)
+    return out
+
+
+def chance_level(cap_img_rows: np.ndarray, n_img: int, dim: int = 128, draws: int = 5) -> dict:
+    """Metrics of random embeddings (mean of ``draws``): what "no better than chance" means here."""
+    from .metrics import evaluate
+
+    runs = []
+    for s in range(draws):
+        rng = np.random.default_rng(1000 + s)
+        runs.append(evaluate(rng.standard_normal((n_img, dim)).astype(np.float32),
+                             rng.standard_normal((len(cap_img_rows), dim)).astype(np.float32), cap_img_rows))
+    return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+
+
+def summary_table(rows: dict[str, dict]) -> str:
+    cols = [(d, k) for d in ("img2text", "text2img") for k in SUMMARY_KEYS]
+    width = max(len(r) for r in rows) + 2
+    head1 = " " * width + "".join(f"{d:<{7 * len(SUMMARY_KEYS)}}" for d in ("img2text (image -> captions)",
+                                                                              "text2img (caption -> images)"))
+    head2 = " " * width + "".join(f"{k:>7}" for _, k in cols)
+    lines = [head1, head2, "-" * len(head2)]
+    for label, m in rows.items():
+        cells = "".join(f"{m[f'{d}_{k}']:7.1f}" if "R@" in k else f"{m[f'{d}_{k}']:7.3f}" for d, k in cols)
+        lines.append(f"{label:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def run(argv=None) -> dict:
+    import get_features_captions
+    import main_retrieve
+    import make_database_img
+    import make_database_text
+    import retrieve_img2text
+    import retrieve_text2img
+
+    a = parser().parse_args(argv)
+    setup_logging()
+    t_start = time.perf_counter()
+    if a.demo:
+        from .demo_data import generate_demo_dataset
+
+        root = Path("data/demo")
+        meta = generate_demo_dataset(root, num_train=a.demo_train, num_val=a.demo_val)
+        log.info("demo dataset: %s at %s (%.1f MB)", meta["splits"], root, meta["bytes"] / 1e6)
+        a.coco_root, a.train_split, a.val_split = str(root), "train", "val"
+    if not a.coco_root:
+        raise SystemExit("error: give --demo or --coco-root")
+    feats, runs = Path("features") / a.out, Path("runs") / a.out
+    data = ["--coco-root", a.coco_root] + (["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])
+    common = (["--force"] if a.force else []) + (["--no-progress"] if a.quiet else []) + (
+        ["--skip-bad"] if a.skip_bad else [])
+    for split in (a.train_split, a.val_split):
+        _stage("make_database_img.py", make_database_img.main,
+               [*data, "--split", split, "--features-dir", str(feats), "--encoder", a.image_encoder, *common])
+    for split in (a.train_split, a.val_split):
+        _stage("make_database_text.py", make_database_text.main,
+               [*data, "--split", split, "--features-dir", str(feats), "--encoder", "fasttext",
+                "--fasttext-train-split", a.train_split, "--fasttext-dim", str(a.fasttext_dim),
+                "--fasttext-bucket", str(a.fasttext_bucket), "--fasttext-epoch", str(a.fasttext_epoch), *common])
+        _stage("make_database_text.py", make_database_text.main,
+               [*data, "--split", split, "--features-dir", str(feats), "--encoder", "bert",
+                "--bert-model", a.bert_model, *common])
+    results, figures = {}, {}
+    force = ["--force"] if a.force else []
+    for script, direction, enc in MODELS:
+        module = __import__(script[:-3])
+        name = f"{direction}_{enc}"
+        _stage(script, module.main, ["--features-dir", str(feats), "--runs-dir", str(runs), "--train-split",
+                                     a.train_split, "--val-split", a.val_split, "--image-encoder", a.image_encoder,
+                                     "--epochs", str(a.epochs), "--no-progress", *force])
+        run_dir = str(runs / name)
+        _stage("get_features_captions.py", get_features_captions.main, ["--run", run_dir, "--split", a.val_split,
+                                                                         *force])
+        m = {}
+        for s, mod in (("retrieve_img2text.py", retrieve_img2text), ("retrieve_text2img.py", retrieve_text2img)):
+            m.update(_stage(s, mod.main, ["--run", run_dir, "--split", a.val_split, *force]))
+        results[name] = m
+        figures[name] = _stage("main_retrieve.py", main_retrieve.main, [
+            *data, "--run", run_dir, "--split", a.val_split, "--random", "2",
+            *(["--query-text", "a small red circle to the left of a blue square"] if a.demo else [])])
+    from .embed import load_embeddings
+
+    img, txt, rows, _, _ = load_embeddings(runs / f"{MODELS[0][1]}_{MODELS[0][2]}", a.val_split)
+    chance = chance_level(rows, len(img))
+    table_rows = {**{f"{n} ({'fastText' if 'fasttext' in n else 'BERT'})": m for n, m in results.items()},
+                  "chance (random vectors)": chance}
+    table = summary_table(table_rows)
+    wall = time.perf_counter() - t_start
+    header = (f"Results on {a.val_split} ({len(img)} images, {len(txt)} captions), models trained on "
+              f"{a.train_split}; image encoder {a.image_encoder}")
+    summary = {"header": header, "table": table, "wall_s": round(wall, 1), "results": results, "chance": chance,
+               "figures": {k: [str(p) for p in v] for k, v in figures.items()}}
+    runs.mkdir(parents=True, exist_ok=True)
+    (runs / "summary.json").write_text(json.dumps(summary, indent=1))
+    (runs / "summary.txt").write_text(f"{header}\n{table}\n")
+    print()
+    print(header)
+    print(table)
+    print(f"\nFigures: {runs}/<model>/figures/ (training curves, PR curves, query figures); "
+          f"summary: {runs}/summary.txt. Wall time {wall:.0f} s.")
+    return summary
+
+
+def main(argv=None):
+    from .cli import run_script
+
+    run_script(lambda: run(argv))
+
+
+if __name__ == "__main__":
+    main()
