@@ -43,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", default="val")
     p.add_argument("--out", default="demo", help="results go to features/<out>/ and runs/<out>/")
     p.add_argument("--image-encoder", default="effnet-lite0")
+    p.add_argument("--input-size", type=int, default=None, help="effnet-lite0 input side (default 256)")
     p.add_argument("--bert-model", default="minilm")
     p.add_argument("--fasttext-dim", type=int, default=300)
     p.add_argument("--fasttext-bucket", type=int, default=20_000)
@@ -115,7 +116,8 @@ def run(argv=None) -> dict:
         ["--skip-bad"] if a.skip_bad else [])
     for split in (a.train_split, a.val_split):
         _stage("make_database_img.py", make_database_img.main,
-               [*data, "--split", split, "--features-dir", str(feats), "--encoder", a.image_encoder, *common])
+               [*data, "--split", split, "--features-dir", str(feats), "--encoder", a.image_encoder, *common,
+                *(["--input-size", str(a.input_size)] if a.input_size else [])])
     for split in (a.train_split, a.val_split):
         _stage("make_database_text.py", make_database_text.main,
                [*data, "--split", split, "--features-dir", str(feats), "--encoder", "fasttext",
