@@ -35,9 +35,10 @@ def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None) 
                    help="drop unreadable images, images without captions and empty captions (counted, logged)")
 
 
-def add_run_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+def add_run_args(p: argparse.ArgumentParser, batch_size: int | None) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=None if batch_size else "default: 4 on the CPU, 32 on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo the work even if its outputs exist")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -9,7 +9,6 @@ import os
 
 from .cli import add_data_args, add_run_args, resolve_device, setup_logging
 from .coco import load_split
-from .errors import DataError
 from .extract import extract_images, extract_texts, merge_shards, resolve_shard
 from .image_encoders import IMAGE_ENCODERS, build_image_encoder
 from .store import feature_path
@@ -26,6 +25,11 @@ def _add_shard_args(p):
     p.add_argument("--no-progress", action="store_true")
 
 
+def default_workers() -> int:
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 4 else min(8, cores // 2)
+
+
 def image_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Encode the images of a split into region-averaged features.")
     add_data_args(p)
@@ -39,10 +43,11 @@ def image_parser() -> argparse.ArgumentParser:
     g.add_argument("--pooling", default="mean", choices=["mean", "objectness"])
     g.add_argument("--min-size", type=int, default=None, help="shorter side (default 800)")
     g.add_argument("--max-size", type=int, default=None, help="longer side cap (default 1333)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="DataLoader processes decoding images")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader processes decoding images (default: 0 on <= 4 cores, where a worker "
+                        "costs more than it saves; else half the cores, at most 8)")
     _add_shard_args(p)
-    add_run_args(p, batch_size=16)
+    add_run_args(p, batch_size=None)
     return p
 
 
@@ -67,24 +72,34 @@ def text_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_image(argv=None) -> dict:
-    a = image_parser().parse_args(argv)
+def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
+    """Shared by both stages: split, output path, shard, merge or ``extract(args, split, npy, shard)``."""
+    a = parser.parse_args(argv)
     setup_logging(a.verbose)
     split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
-    npy = feature_path(a.features_dir, a.split, "img", a.encoder)
+    npy = feature_path(a.features_dir, a.split, kind, a.encoder)
     shard = resolve_shard(a.shard, a.num_shards)
     if a.merge:
-        meta = merge_shards(npy, shard[1], split.image_ids)
+        meta = merge_shards(npy, shard[1], split.image_ids if kind == "img" else split.caption_ids)
     else:
-        enc = build_image_encoder(
-            a.encoder, input_size=a.input_size, detector_weights=a.detector_weights,
-            detector_version=a.detector_version, top_n=a.top_n, pooling=a.pooling, min_size=a.min_size,
-            max_size=a.max_size)
-        meta = extract_images(split, enc, npy, batch_size=a.batch_size, workers=a.workers,
-                              device=resolve_device(a.device), shard=shard, skip_bad=a.skip_bad, force=a.force,
-                              progress=not a.no_progress)
-    log.info("image features: %d x %d (%s) -> %s", meta["count"], meta["dim"], meta["encoder"], npy)
+        meta = extract(a, split, npy, shard)
+    log.info("%s features: %d x %d (%s) -> %s", kind, meta["count"], meta["dim"], meta["encoder"], npy)
     return meta
+
+
+def _extract_images(a, split, npy, shard) -> dict:
+    enc = build_image_encoder(
+        a.encoder, input_size=a.input_size, detector_weights=a.detector_weights,
+        detector_version=a.detector_version, top_n=a.top_n, pooling=a.pooling, min_size=a.min_size,
+        max_size=a.max_size)
+    device = resolve_device(a.device)
+    batch = a.batch_size or (32 if device.type == "cuda" else 4)  # CPU: larger batches measured slower
+    return extract_images(split, enc, npy, batch_size=batch, workers=a.workers, device=device, shard=shard,
+                          skip_bad=a.skip_bad, force=a.force, progress=not a.no_progress)
+
+
+def run_image(argv=None) -> dict:
+    return _run("img", image_parser(), argv, _extract_images)
 
 
 def _fasttext_encoder(a, split):
@@ -99,25 +114,16 @@ def _fasttext_encoder(a, split):
     return FastTextEncoder(path, info={"source": "trained", "train_split": train.name})
 
 
-def run_text(argv=None) -> dict:
-    a = text_parser().parse_args(argv)
-    setup_logging(a.verbose)
-    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
-    npy = feature_path(a.features_dir, a.split, "text", a.encoder)
-    shard = resolve_shard(a.shard, a.num_shards)
-    if a.merge:
-        meta = merge_shards(npy, shard[1], split.caption_ids)
+def _extract_texts(a, split, npy, shard) -> dict:
+    if a.encoder == "fasttext":
+        enc = _fasttext_encoder(a, split)
     else:
-        if a.encoder == "fasttext":
-            enc = _fasttext_encoder(a, split)
-        else:
-            from .text_encoders import BertEncoder
+        from .text_encoders import BertEncoder
 
-            enc = BertEncoder(a.bert_model, pooling=a.pooling, max_length=a.max_length,
-                              device=resolve_device(a.device))
-        if not split.num_captions:
-            raise DataError(f"split {a.split} has no captions")
-        meta = extract_texts(split, enc, npy, batch_size=a.batch_size, shard=shard, force=a.force,
-                             progress=not a.no_progress)
-    log.info("caption features: %d x %d (%s) -> %s", meta["count"], meta["dim"], meta["encoder"], npy)
-    return meta
+        enc = BertEncoder(a.bert_model, pooling=a.pooling, max_length=a.max_length, device=resolve_device(a.device))
+    return extract_texts(split, enc, npy, batch_size=a.batch_size, shard=shard, force=a.force,
+                         progress=not a.no_progress)
+
+
+def run_text(argv=None) -> dict:
+    return _run("text", text_parser(), argv, _extract_texts)

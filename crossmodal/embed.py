@@ -56,7 +56,7 @@ def run(argv=None) -> dict:
     fd = Path(a.features_dir or targs["features_dir"])
     img_npy = feature_path(fd, a.split, "img", targs["image_encoder"])
     txt_npy = feature_path(fd, a.split, "text", targs["text_encoder"])
-    pairs = load_pairs(img_npy, txt_npy)
+    pairs = load_pairs(img_npy, txt_npy, a.split)
     check_features_fit(ck, pairs.img_meta, pairs.txt_meta, f"of split {a.split} ({img_npy}, {txt_npy})")
     out = embedding_paths(run_dir, a.split)
     index_args = {"kind": a.index, "nlist": a.nlist, "nprobe": a.nprobe, "hnsw_m": a.hnsw_m, "ef_search": a.ef_search}

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .cli import code_version
 from .coco import CaptionSplit, load_image
 from .errors import DataError, FeatureError
+from .perf import keep_freed_memory
 from .store import ResumableWriter, ids_digest, is_up_to_date, load_features, read_meta, save_features
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,31 @@ def _job(kind: str, enc: dict, split: CaptionSplit, ids: np.ndarray, rows: tuple
             "split": split.name, "rows": list(rows), "ids": ids_digest(ids)}
 
 
+class _Job:
+    """One shard of one extraction: its rows, ids, output file and job identity. ``done`` holds
+    the sidecar when the output is already up to date; else ``writer`` resumes or starts it."""
+
+    def __init__(self, kind: str, encoder, split: CaptionSplit, all_ids: np.ndarray, npy: Path,
+                 shard: tuple[int, int], force: bool):
+        self.start, self.stop = shard_range(len(all_ids), *shard)
+        self.npy = shard_path(Path(npy), *shard)
+        self.ids = all_ids[self.start : self.stop]
+        self.job = _job(kind, encoder.describe(), split, self.ids, (self.start, self.stop))
+        self.meta = _meta(self.job, split)
+        self.done, self.writer = None, None
+        if not force and is_up_to_date(self.npy, self.job):
+            log.info("%s is up to date, skipped (--force redoes it)", self.npy)
+            self.done = read_meta(self.npy)
+            return
+        self.writer = ResumableWriter(self.npy, self.stop - self.start, encoder.dim, self.job)
+        if self.writer.done:
+            log.info("resuming %s at row %d of %d", self.npy, self.writer.done, self.stop - self.start)
+
+    def progress_bar(self, unit: str, desc: str, enabled: bool):
+        return tqdm(total=self.stop - self.start, initial=self.writer.done, unit=unit, desc=desc,
+                    disable=not enabled, mininterval=2, smoothing=0.1)
+
+
 def _meta(job: dict, split: CaptionSplit) -> dict:
     return {"kind": job["kind"], "encoder": job["encoder"], "settings": job["settings"],
             "weights": job["weights"], "split": split.name, "source": split.source, "code_version": code_version()}
@@ -72,34 +98,32 @@ class _ImageRows(Dataset):
             return None, str(e)
 
 
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the model's threads
+
+
 def _collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
 def extract_images(
-    split: CaptionSplit, encoder: torch.nn.Module, npy: Path, *, batch_size: int = 16, workers: int = 1,
+    split: CaptionSplit, encoder: torch.nn.Module, npy: Path, *, batch_size: int = 4, workers: int = 0,
     device: torch.device | None = None, shard: tuple[int, int] = (0, 1), skip_bad: bool = False,
     force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
-    start, stop = shard_range(split.num_images, *shard)
-    npy = shard_path(Path(npy), *shard)
-    ids = split.image_ids[start:stop]
-    job = _job("img", encoder.describe(), split, ids, (start, stop))
-    if not force and is_up_to_date(npy, job):
-        log.info("%s is up to date, skipped (--force redoes it)", npy)
-        return read_meta(npy)
-    writer = ResumableWriter(npy, stop - start, encoder.dim, job)
-    if writer.done:
-        log.info("resuming %s at image %d of %d", npy, writer.done, stop - start)
+    j = _Job("img", encoder, split, split.image_ids, npy, shard, force)
+    if j.done:
+        return j.done
+    writer = j.writer
     device = device or torch.device("cpu")
+    keep_freed_memory()
     encoder = encoder.to(device).eval()
-    data = _ImageRows(split, np.arange(start + writer.done, stop), encoder.preprocess)
+    data = _ImageRows(split, np.arange(j.start + writer.done, j.stop), encoder.preprocess)
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+                        worker_init_fn=_one_thread, pin_memory=device.type == "cuda")
     n_skipped = len(writer.skipped)
-    bar = tqdm(total=stop - start, initial=writer.done, unit="img", desc=f"{encoder.name} {split.name}",
-               disable=not progress, mininterval=2, smoothing=0.1)
+    bar = j.progress_bar("img", f"{encoder.name} {split.name}", progress)
     with torch.inference_mode():
         for images, errors in loader:
             bad = [k for k, e in enumerate(errors) if e]
@@ -119,7 +143,7 @@ def extract_images(
     bar.close()
     if n_skipped:
         log.warning("%d unreadable images skipped in %s (ids in the sidecar's skipped_ids)", n_skipped, split.name)
-    return writer.finish(_meta(job, split), ids)
+    return writer.finish(j.meta, j.ids)
 
 
 def extract_texts(
@@ -127,18 +151,12 @@ def extract_texts(
     shard: tuple[int, int] = (0, 1), force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the captions of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
-    start, stop = shard_range(split.num_captions, *shard)
-    npy = shard_path(Path(npy), *shard)
-    ids = split.caption_ids[start:stop]
-    job = _job("text", encoder.describe(), split, ids, (start, stop))
-    if not force and is_up_to_date(npy, job):
-        log.info("%s is up to date, skipped (--force redoes it)", npy)
-        return read_meta(npy)
-    writer = ResumableWriter(npy, stop - start, encoder.dim, job)
-    if writer.done:
-        log.info("resuming %s at caption %d of %d", npy, writer.done, stop - start)
-    bar = tqdm(total=stop - start, initial=writer.done, unit="cap", desc=f"{encoder.name} {split.name}",
-               disable=not progress, mininterval=2)
+    j = _Job("text", encoder, split, split.caption_ids, npy, shard, force)
+    if j.done:
+        return j.done
+    writer, start, stop = j.writer, j.start, j.stop
+    keep_freed_memory()
+    bar = j.progress_bar("cap", f"{encoder.name} {split.name}", progress)
     kw = {"batch_size": batch_size} if encoder.name == "bert" else {}
     while writer.done < stop - start:
         lo = start + writer.done
@@ -146,7 +164,7 @@ def extract_texts(
         writer.write(writer.done, encoder.encode(split.captions[lo:hi], **kw))
         bar.update(hi - lo)
     bar.close()
-    return writer.finish(_meta(job, split), ids, image_ids=split.caption_image_ids[start:stop])
+    return writer.finish(j.meta, j.ids, image_ids=split.caption_image_ids[start:stop])
 
 
 def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray) -> dict:

@@ -74,7 +74,8 @@ class EffNetLite0Regions(nn.Module):
         except (OSError, RuntimeError) as e:
             raise ModelError(f"cannot load EfficientNet-Lite0 weights from {weights}: {e}") from e
         self.net.load_state_dict(state)
-        self.net.eval()
+        self.channels_last = True  # oneDNN's fast layout: 1.3-1.5x on this CPU (BENCHMARKS.md)
+        self.net.eval().to(memory_format=torch.channels_last)
         self.register_buffer("boxes", grid_boxes(input_size, levels), persistent=False)
 
     def describe(self) -> dict:
@@ -92,6 +93,8 @@ class EffNetLite0Regions(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         fmap = self.net.extract_features(x)  # (B, 1280, S/32, S/32)
         nb = len(self.boxes)
         rois = torch.cat(
@@ -128,6 +131,8 @@ class FasterRCNNRegions(nn.Module):
                              rpn_post_nms_top_n_test=top_n, rpn_score_thresh=0.0)
         self.weights_id = self._load_weights(weights, enum.DEFAULT, builder.__name__)
         self.model.eval()
+        self.channels_last = True
+        self.model.backbone.to(memory_format=torch.channels_last)
         self.version, self.top_n, self.pooling = version, top_n, pooling
         self.min_size, self.max_size = min_size, max_size
 
@@ -181,7 +186,8 @@ class FasterRCNNRegions(nn.Module):
 
         m = self.model
         image_list, _ = m.transform(images)
-        feats = m.backbone(image_list.tensors)
+        x = image_list.tensors
+        feats = m.backbone(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         rpn = m.rpn
         levels = list(feats.values())
         objectness, deltas = rpn.head(levels)

@@ -20,7 +20,7 @@ from .embed import embedding_paths, load_embeddings
 from .errors import DataError, FeatureError
 from .index import load_index, search
 from .metrics import evaluate_protocol
-from .store import write_json
+from .store import safe_split_name, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     run_dir = Path(a.run)
     img, txt, rows, im, tm = load_embeddings(run_dir, a.split)
     out_dir = run_dir / "retrieval"
-    stem = f"{a.split}_{direction}_{a.protocol}".replace("[", "_").replace("]", "").replace(":", "-")
+    stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
     source = {"img": [im["job"], im["created"]], "text": [tm["job"], tm["created"]], "k": a.k}
     saved = out_dir / f"{stem}_metrics.json"
     if saved.is_file() and not a.force:
@@ -167,7 +167,7 @@ def run_figures(argv=None) -> list[Path]:
             caps = [cap_text.get(int(cap_ids[j]), "?") for j in I[n]]
             written.append(image_to_captions(
                 image_of(r), f"query image {img_ids[r]}", caps, D[n].tolist(), [rows[j] == r for j in I[n]],
-                out / f"img2text_{a.split}_{img_ids[r]}.png".replace("[", "_").replace("]", "").replace(":", "-")))
+                out / f"img2text_{safe_split_name(a.split)}_{img_ids[r]}.png"))
     if "text2img" in directions:
         index = load_index(paths["img_index"], len(img))
         queries = []  # (title, vector, true image row or None, file stem)

@@ -25,10 +25,27 @@ import numpy as np
 from .errors import FeatureError
 
 
+def safe_split_name(split: str) -> str:
+    """A file-safe, unambiguous form of a split name: ``train2017[:70]`` -> ``train2017_0-70``,
+    ``train2017[70:]`` -> ``train2017_70-end`` (two slices never share a file)."""
+    from .coco import parse_split
+
+    base, sl = parse_split(split)
+    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", base).strip("_")
+    if sl != slice(None):
+        safe += f"_{sl.start or 0}-{'end' if sl.stop is None else sl.stop}"
+    return safe
+
+
 def feature_path(features_dir: str | Path, split: str, kind: str, encoder: str) -> Path:
     """``features/<split>_<kind>_<encoder>.npy``; the split name is made file-safe."""
-    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", split).strip("_")
-    return Path(features_dir) / f"{safe}_{kind}_{encoder}.npy"
+    return Path(features_dir) / f"{safe_split_name(split)}_{kind}_{encoder}.npy"
+
+
+def check_split(meta: dict, split: str, path: str | Path) -> None:
+    """Refuse a feature file made from another split than the one asked for."""
+    if meta.get("split") != split:
+        raise FeatureError(f"{path} holds features of split {meta.get('split')!r}, not {split!r}")
 
 
 def sidecar_path(npy: str | Path) -> Path:

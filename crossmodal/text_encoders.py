@@ -83,7 +83,7 @@ def train_fasttext(
             "the training split (--fasttext-train-split) or pass a pretrained --fasttext-model")
     from .store import feature_path
 
-    path = feature_path(out_dir, split.name, "model", "fasttext").with_suffix(".bin")
+    path = feature_path(out_dir, split.name, "model", "fasttext").with_suffix(".bin")  # one file per train split
     params = {"train_split": split.name, "captions": ids_digest(split.caption_ids), "dim": dim, "epoch": epoch,
               "bucket": bucket, "threads": threads, "model": "skipgram", "minCount": 1}
     side = path.with_suffix(".json")

@@ -31,7 +31,7 @@ from .coco import rows_of
 from .errors import DataError, FeatureError, ModelError
 from .heads import ProjectionHead, hardest_negative_loss, random_negative_loss
 from .metrics import evaluate
-from .store import feature_path, load_features, write_json
+from .store import check_split, feature_path, load_features, write_json
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,15 @@ class Pairs:
     txt_meta: dict
 
 
-def load_pairs(img_npy: Path, txt_npy: Path, max_ram_gb: float = 8.0) -> Pairs:
-    """Load a split's image and caption features; captions whose image has no features (an
-    unreadable image skipped at extraction) are dropped, counted and logged."""
+def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_gb: float = 8.0) -> Pairs:
+    """Load a split's image and caption features (refused if made from another ``split``);
+    captions whose image has no features (an unreadable image skipped at extraction) are
+    dropped, counted and logged."""
     img, im = load_features(img_npy)
     txt, tm = load_features(txt_npy)
+    if split is not None:
+        check_split(im, split, img_npy)
+        check_split(tm, split, txt_npy)
     if im.get("kind") != "img" or tm.get("kind") != "text":
         raise FeatureError(f"{img_npy} must hold image features and {txt_npy} caption features")
     if len(img) == 0 or len(txt) == 0:
@@ -286,8 +290,10 @@ def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") 
         "val_img": feature_path(fd, a.val_split, "img", a.image_encoder),
         "val_txt": feature_path(fd, a.val_split, "text", a.text_encoder),
     }
-    train = load_pairs(paths["train_img"], paths["train_txt"], a.max_ram_gb)
-    val = load_pairs(paths["val_img"], paths["val_txt"], a.max_ram_gb)
+    if a.train_split == a.val_split:
+        raise DataError(f"--train-split and --val-split are both {a.train_split!r}: validate on held-out data")
+    train = load_pairs(paths["train_img"], paths["train_txt"], a.train_split, a.max_ram_gb)
+    val = load_pairs(paths["val_img"], paths["val_txt"], a.val_split, a.max_ram_gb)
     for kind, tm, vm in (("image", train.img_meta, val.img_meta), ("caption", train.txt_meta, val.txt_meta)):
         if encoder_identity(tm) != encoder_identity(vm):
             raise FeatureError(f"train and val {kind} features come from different encoders or settings: "

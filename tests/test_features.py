@@ -260,3 +260,11 @@ def test_bert_features_pooling_order_and_resume(tmp_path, monkeypatch):
 def test_unknown_bert_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="give --bert-model a local folder"):
         _txt(shared("coco-tiny"), "val", tmp_path, "--encoder", "bert", "--bert-model", str(tmp_path / "nothing"))
+
+
+def test_slices_of_one_split_get_their_own_files(tmp_path):
+    from crossmodal.store import feature_path
+
+    a, b = feature_path(tmp_path, "train2017[:70]", "img", "x"), feature_path(tmp_path, "train2017[70:]", "img", "x")
+    assert a != b and a.name == "train2017_0-70_img_x.npy" and b.name == "train2017_70-end_img_x.npy"
+    assert feature_path(tmp_path, "train2017", "img", "x").name == "train2017_img_x.npy"

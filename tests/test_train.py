@@ -148,3 +148,23 @@ def test_hardest_negative_loss_matches_a_loop():
     assert float(hardest_negative_loss(img, txt, rows, 0.2, "img2text")) == pytest.approx(i2t, abs=1e-6)
     assert float(hardest_negative_loss(img, txt, rows, 0.2, "text2img")) == pytest.approx(t2i, abs=1e-6)
     assert float(hardest_negative_loss(img, txt, rows, 0.2, "both")) == pytest.approx(i2t + t2i, abs=1e-6)
+
+
+def test_features_of_another_split_are_refused(demo_features, tmp_path):
+    feats = _copy_features(demo_features, tmp_path / "f")
+    for suffix in ("npy", "json"):  # "val" files that actually hold the train split
+        shutil.copy(feats / f"train_img_effnet-lite0.{suffix}", feats / f"val_img_effnet-lite0.{suffix}")
+    with pytest.raises(FeatureError, match="holds features of split 'train', not 'val'"):
+        img2text_main(_args(feats, tmp_path))
+    with pytest.raises(DataError, match="validate on held-out data"):
+        img2text_main(_args(demo_features, tmp_path, "--val-split", "train"))
+
+
+def test_broken_correspondence_stays_at_chance(demo_features, tmp_path):
+    """Control: with training captions shuffled across images nothing can be learned, so
+    validation must stay near chance (this caught a leak where two splits shared a file)."""
+    feats = _copy_features(demo_features, tmp_path / "f")
+    arr, meta = load_features(feats / "train_text_bert.npy", mmap=False)
+    save_features(feats / "train_text_bert.npy", arr[np.random.default_rng(0).permutation(len(arr))], meta)
+    best = text2img_bert_main(_args(feats, tmp_path, "--epochs", "10"))["best"]
+    assert best["val_img2text_R@1"] <= 12 and best["val_text2img_R@1"] <= 8  # chance: 2% (50 val images)

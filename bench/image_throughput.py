@@ -1,0 +1,107 @@
+"""Images/s of the image encoders on real COCO images (../shared/data/coco-mini), against a
+seed-style loop measured in the same run: one image at a time, 800-px input, decoding in the
+main process, ``torch.no_grad`` instead of ``inference_mode``, default memory layout and
+allocator. Each measurement runs in a fresh process (the allocator setting is process-wide).
+
+    python -m bench.image_throughput [--images 130] [--frcnn-images 16]
+
+Faster R-CNN runs with random weights here (no COCO weights offline); its cost does not
+depend on the weights (the RPN keeps top-N proposals either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import SHARED, in_fresh_process, save, timed
+from crossmodal.coco import load_image, load_split
+from crossmodal.extract import extract_images
+from crossmodal.image_encoders import EffNetLite0Regions, FasterRCNNRegions
+
+
+def seed_style(enc, split, n: int) -> np.ndarray:
+    enc.channels_last = False
+    (enc.net if hasattr(enc, "net") else enc.model).to(memory_format=torch.contiguous_format)
+    out = []
+    with torch.no_grad():
+        for i in range(n):
+            out.append(enc([enc.preprocess(load_image(split.image_path(i)))]).numpy()[0])
+    return np.stack(out)
+
+
+def ours(enc, split, n: int, batch: int, workers: int) -> np.ndarray:
+    from crossmodal.coco import CaptionSplit
+
+    sub = CaptionSplit(split.name, split.image_dir, split.image_ids[:n], split.file_names[:n],
+                       split.caption_ids[:0], split.caption_image_ids[:0], [], split.source)
+    with tempfile.TemporaryDirectory() as d:
+        extract_images(sub, enc, Path(d) / "x.npy", batch_size=batch, workers=workers, progress=False)
+        return np.load(Path(d) / "x.npy")
+
+
+def cos(a, b):
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def knn_overlap(a, b, k=5):
+    def knn(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1)[:, :k]
+
+    ka, kb = knn(a), knn(b)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ka, kb, strict=True)]))
+
+
+def _encoder(kind: str, size: int):
+    if kind == "effnet-lite0":
+        return EffNetLite0Regions(size)
+    torch.manual_seed(0)
+    return FasterRCNNRegions("random", top_n=100, min_size=size, max_size=round(size * 1333 / 800))
+
+
+def _measure(kind, size, batch, n, workers, q):
+    """Images/s and features of one configuration (batch 0 = seed-style), in its own process."""
+    split = load_split(SHARED / "coco-mini", "train2017")
+    enc = _encoder(kind, size)
+    if batch == 0:
+        t, f = timed(lambda: seed_style(enc, split, n))
+    else:
+        t, f = timed(lambda: ours(enc, split, n, batch, workers))
+    q.put((n / t, f))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=130)
+    p.add_argument("--frcnn-images", type=int, default=16)
+    a = p.parse_args(argv)
+    rows = []
+    configs = {"effnet-lite0": (a.images, [(800, 1, 0), (800, 1, 1), (512, 4, 1), (384, 4, 1), (256, 4, 1),
+                                           (256, 4, 0), (224, 4, 1)]),
+               "fasterrcnn": (a.frcnn_images, [(800, 1, 0), (800, 4, 1), (600, 1, 0), (480, 1, 0)])}
+    for kind, (n, runs) in configs.items():
+        base, f_base = in_fresh_process(_measure, kind, 800, 0, n, 0)
+        label = kind + (" (random weights)" if kind == "fasterrcnn" else "")
+        rows.append((label, "seed-style: 1 at a time, no_grad", 800, base, 1.0, 1.0, 1.0))
+        for size, batch, workers in runs:
+            r, f = in_fresh_process(_measure, kind, size, batch, n, workers)
+            rows.append((label, f"ours: batch {batch}, {workers} decoding worker(s)", size, r, r / base,
+                         cos(f, f_base), knn_overlap(f, f_base, k=5 if n > 50 else 3)))
+    print("| encoder | loop | input px | images/s | x seed-style | cos to seed-style 800 px | kNN@5 overlap |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.3f} | {r[6]:.2f} |")
+    keys = ("encoder", "loop", "input", "img_s", "speedup", "cos", "knn")
+    print("saved", save("image_throughput", {"rows": [dict(zip(keys, r, strict=True)) for r in rows],
+                                             "images": a.images, "frcnn_images": a.frcnn_images}))
+
+
+if __name__ == "__main__":
+    main()

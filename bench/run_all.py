@@ -1,0 +1,8 @@
+"""Run every benchmark in turn (about 15 minutes on 2 cores); results in bench/results/."""
+
+from bench import compare_losses, faiss_bench, image_throughput, metrics_bench, text_throughput, train_throughput
+
+if __name__ == "__main__":
+    for mod in (image_throughput, text_throughput, train_throughput, metrics_bench, faiss_bench, compare_losses):
+        print(f"\n## {mod.__name__}\n")
+        mod.main([])
