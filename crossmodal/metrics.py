@@ -42,7 +42,7 @@ def text2img_relevance(cap_img_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def relevant_ranks(
     queries: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray, rel_ptr: np.ndarray,
-    rel_idx: np.ndarray, chunk: int = 1024,
+    rel_idx: np.ndarray, chunk: int = 256,
 ) -> np.ndarray:
     """0-based ranks of every relevant item, CSR-aligned with ``rel_idx`` and sorted within each
     query. ``queries`` (Q, d), ``gallery`` (G, d); similarity = inner product."""
@@ -118,7 +118,7 @@ def pr_curve(ranks: np.ndarray, rel_ptr: np.ndarray, gallery_size: int) -> tuple
 
 
 def evaluate(
-    img_emb, text_emb, cap_img_rows: np.ndarray, directions=DIRECTIONS, ks=(1, 5), chunk: int = 1024,
+    img_emb, text_emb, cap_img_rows: np.ndarray, directions=DIRECTIONS, ks=(1, 5), chunk: int = 256,
     with_curves: bool = False,
 ) -> dict:
     """All metrics for the given directions. ``img_emb`` (N_img, d), ``text_emb`` (N_cap, d),
