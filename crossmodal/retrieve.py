@@ -34,7 +34,7 @@ def metrics_parser(direction: str) -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="full", choices=["full", "5k", "1k"],
                    help="full split, Karpathy 5K test, or mean over its five 1K folds")
     p.add_argument("--k", type=int, default=10, help="length of the saved top-k lists")
-    p.add_argument("--chunk", type=int, default=256, help="queries per similarity block (bounds memory)")
+    p.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (bounds memory)")
     p.add_argument("--force", action="store_true", help="recompute even if these embeddings were scored already")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
