@@ -1,4 +1,5 @@
-"""Run every benchmark in turn (about 15 minutes on 2 cores); results in bench/results/."""
+"""Run every benchmark in turn (about 15 minutes on 2 cores; `make demo` first, for the loss
+comparison on the demo features); results in bench/results/."""
 
 from bench import compare_losses, faiss_bench, image_throughput, metrics_bench, text_throughput, train_throughput
 

@@ -45,12 +45,17 @@ def add_run_args(p: argparse.ArgumentParser, batch_size: int | None) -> None:
 
 
 def resolve_device(name: str):
+    """``auto`` -> CUDA when available; under torchrun each process takes GPU ``LOCAL_RANK``."""
+    import os
+
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device(name)
 
 
