@@ -86,10 +86,14 @@ def save_features(npy: str | Path, array: np.ndarray, meta: dict) -> None:
     npy.parent.mkdir(parents=True, exist_ok=True)
     array = np.ascontiguousarray(array, dtype=np.float32)
     meta = _complete_meta(meta, array.shape)
+    _save_array(npy, array)
+    write_json(sidecar_path(npy), meta)
+
+
+def _save_array(npy: Path, array: np.ndarray) -> None:
     tmp = npy.with_name(npy.stem + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, npy)
-    write_json(sidecar_path(npy), meta)
 
 
 def _complete_meta(meta: dict, shape) -> dict:
@@ -200,16 +204,15 @@ class ResumableWriter:
         if image_ids is not None:
             meta["image_ids"] = np.asarray(image_ids)[keep].tolist()
         meta["skipped_ids"] = np.asarray(ids)[~keep].tolist()
-        arr = self.array
-        if not keep.all():
-            arr = np.ascontiguousarray(arr[keep])
-        meta = _complete_meta(meta, arr.shape)
         if keep.all():
-            del self.array, arr
+            meta = _complete_meta(meta, self.array.shape)
+            del self.array
             os.replace(self.partial, self.npy)
         else:
+            kept = np.ascontiguousarray(self.array[keep])
+            meta = _complete_meta(meta, kept.shape)
             del self.array
-            save_features(self.npy, arr, meta)
+            _save_array(self.npy, kept)
             self.partial.unlink()
         write_json(sidecar_path(self.npy), meta)
         self.progress.unlink()
