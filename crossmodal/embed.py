@@ -69,7 +69,7 @@ def run(argv=None) -> dict:
     img_head, txt_head = heads_from_checkpoint(ck)
     img_emb = embed_bank(img_head, pairs.img).numpy()
     txt_emb = embed_bank(txt_head, pairs.txt).numpy()
-    keep_caps = np.isin(np.asarray(pairs.txt_meta["image_ids"]), np.asarray(pairs.img_meta["ids"]))
+    keep_caps = pairs.cap_mask
     common = {"run": str(run_dir), "checkpoint": str(ck_path), "epoch": ck["epoch"], "split": a.split,
               "code_version": code_version(), "normalised": bool(ck["head_config"]["img"]["l2norm"])}
     save_features(out["img"], img_emb, dict(common, kind="img", job=dict(job, kind="img"), ids=pairs.img_meta["ids"],

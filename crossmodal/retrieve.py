@@ -85,7 +85,7 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     np.save(out_dir / f"{stem}_top{a.k}_D.npy", D)
     record = {"type": "eval", "direction": direction, "split": a.split, "protocol": a.protocol,
               "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m, "source": source}
-    write_json(out_dir / f"{stem}_metrics.json", record)
+    write_json(saved, record)
     with open(run_dir / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if curve is not None:

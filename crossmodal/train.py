@@ -59,6 +59,7 @@ class Pairs:
     cap_img_rows: np.ndarray
     img_meta: dict
     txt_meta: dict
+    cap_mask: np.ndarray  # (rows of the caption file,) True for the captions kept here
 
 
 def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_gb: float = 8.0) -> Pairs:
@@ -89,7 +90,7 @@ def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_g
             a = a[sel]
         return torch.from_numpy(np.array(a, dtype=np.float32)) if in_ram else a  # np.array: a writable copy
 
-    return Pairs(bank(img), bank(txt, keep), rows, im, tm)
+    return Pairs(bank(img), bank(txt, keep), rows, im, tm, keep)
 
 
 def _take(bank, idx: np.ndarray, device) -> torch.Tensor:
