@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,11 +142,23 @@ def _read_coco(root: Path, base: str):
     except (KeyError, TypeError) as e:
         raise DataError(f"annotation file {ann_file} lacks a required field: {e}") from e
     try:
-        images = [(int(im["id"]), str(im["file_name"])) for im in coco.imgs.values()]
-        anns = [(int(a["id"]), int(a["image_id"]), a["caption"]) for a in coco.anns.values()]
+        images = [(_coco_id(im["id"], "image id", ann_file), str(im["file_name"])) for im in coco.imgs.values()]
+        anns = [(_coco_id(a["id"], "caption id", ann_file), _coco_id(a["image_id"], "image_id", ann_file),
+                 a["caption"]) for a in coco.anns.values()]
     except KeyError as e:
         raise DataError(f"annotation file {ann_file}: an entry lacks the field {e}") from e
+    except TypeError as e:
+        raise DataError(f"annotation file {ann_file}: an entry is not a JSON object ({e})") from e
     return images, anns, root / base, str(ann_file)
+
+
+def _coco_id(value, what: str, source) -> int:
+    """A COCO id: a JSON integer (or a string of digits); anything else is refused, naming the file."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise DataError(f"{source}: {what} {value!r} is not an integer id")
 
 
 def _read_karpathy(root: Path, base: str, path: Path):
@@ -161,9 +174,9 @@ def _read_karpathy(root: Path, base: str, path: Path):
         for im in data["images"]:
             if im["split"] not in parts:
                 continue
-            iid = int(im["cocoid"])
+            iid = _coco_id(im["cocoid"], "cocoid", path)
             images.append((iid, f"{im['filepath']}/{im['filename']}"))
-            anns += [(int(s["sentid"]), iid, s["raw"]) for s in im["sentences"]]
+            anns += [(_coco_id(s["sentid"], "sentid", path), iid, s["raw"]) for s in im["sentences"]]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"Karpathy split file {path} is not valid json: {e}") from e
     except (KeyError, TypeError) as e:
@@ -187,7 +200,7 @@ def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
 
     def bad(what: str, ident: int, msg: str):
         if not skip_bad:
-            raise DataError(f"{msg} (in {source}; pass skip-bad to drop and count such entries)")
+            raise DataError(f"{msg} (in {source}; pass --skip-bad to drop and count such entries)")
         skipped.setdefault(what, []).append(ident)
 
     kept = []
@@ -230,11 +243,15 @@ def load_image(path: str | Path, image_id: int | None = None) -> Image.Image:
     """Decode an image file to RGB, whatever its mode (L, CMYK, P, RGBA...).
 
     Transparent images are composited on white. Missing, unreadable, truncated or corrupt
-    files raise :class:`DataError` naming the file and the image id.
+    files, and images over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, its guard against
+    decompression bombs), raise :class:`DataError` naming the file and the image id.
     """
     what = f"image {path}" + (f" (id {image_id})" if image_id is not None else "")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not decoded
+            im = Image.open(path)
+        with im:
             im.load()  # forces a full decode: truncated files fail here, not later
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
@@ -245,5 +262,7 @@ def load_image(path: str | Path, image_id: int | None = None) -> Image.Image:
         raise DataError(f"{what} does not exist") from e
     except UnidentifiedImageError as e:
         raise DataError(f"{what} is not a readable image (corrupt or not an image file)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{what} is too large to decode safely: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{what} cannot be decoded ({e}); the file may be truncated or corrupt") from e

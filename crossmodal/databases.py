@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-from .cli import add_data_args, add_run_args, resolve_device, setup_logging
+from .cli import (
+    add_data_args,
+    add_run_args,
+    available_cores,
+    existing_file,
+    int_in_range,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+    setup_logging,
+    split_name,
+)
 from .coco import load_split
 from .extract import extract_images, extract_texts, merge_shards, resolve_shard
 from .image_encoders import IMAGE_ENCODERS, build_image_encoder
@@ -18,15 +28,15 @@ log = logging.getLogger(__name__)
 
 def _add_shard_args(p):
     g = p.add_argument_group("sharding (also read from torchrun's RANK / WORLD_SIZE)")
-    g.add_argument("--shard", type=int, default=None, help="this process's shard, 0-based")
-    g.add_argument("--num-shards", type=int, default=None)
+    g.add_argument("--shard", type=non_negative_int, default=None, help="this process's shard, 0-based")
+    g.add_argument("--num-shards", type=positive_int, default=None)
     g.add_argument("--merge", action="store_true", help="join the --num-shards shard files into one and exit")
     p.add_argument("--features-dir", default="features")
     p.add_argument("--no-progress", action="store_true")
 
 
 def default_workers() -> int:
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     return 0 if cores <= 4 else min(8, cores // 2)
 
 
@@ -34,16 +44,18 @@ def image_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Encode the images of a split into region-averaged features.")
     add_data_args(p)
     p.add_argument("--encoder", default="effnet-lite0", choices=IMAGE_ENCODERS)
-    p.add_argument("--input-size", type=int, default=None, help="effnet-lite0: square input side (default 256)")
+    p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
+                   help="effnet-lite0: square input side (default 256)")
     g = p.add_argument_group("fasterrcnn")
     g.add_argument("--detector-weights", default="torchvision",
                    help="'torchvision' (its COCO weights, downloaded/cached by torchvision) or a state-dict PATH")
     g.add_argument("--detector-version", default="v1", choices=["v1", "v2"])
-    g.add_argument("--top-n", type=int, default=100, help="RPN proposals (after NMS) averaged per image")
+    g.add_argument("--top-n", type=int_in_range(1, 10_000), default=100,
+                   help="RPN proposals (after NMS) averaged per image")
     g.add_argument("--pooling", default="mean", choices=["mean", "objectness"])
-    g.add_argument("--min-size", type=int, default=None, help="shorter side (default 800)")
-    g.add_argument("--max-size", type=int, default=None, help="longer side cap (default 1333)")
-    p.add_argument("--workers", type=int, default=default_workers(),
+    g.add_argument("--min-size", type=int_in_range(32, 4096), default=None, help="shorter side (default 800)")
+    g.add_argument("--max-size", type=int_in_range(32, 8192), default=None, help="longer side cap (default 1333)")
+    p.add_argument("--workers", type=int_in_range(0, 64), default=default_workers(),
                    help="DataLoader processes decoding images (default: 0 on <= 4 cores, where a worker "
                         "costs more than it saves; else half the cores, at most 8)")
     _add_shard_args(p)
@@ -56,17 +68,19 @@ def text_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--encoder", default="fasttext", choices=["fasttext", "bert"])
     g = p.add_argument_group("fasttext")
-    g.add_argument("--fasttext-model", default=None, help="a pretrained fastText .bin (else one is trained)")
-    g.add_argument("--fasttext-train-split", default=None,
+    g.add_argument("--fasttext-model", default=None, type=existing_file,
+                   help="a pretrained fastText .bin (else one is trained)")
+    g.add_argument("--fasttext-train-split", default=None, type=split_name,
                    help="the TRAIN split whose captions train the model (default: --split, refused if held out)")
-    g.add_argument("--fasttext-dim", type=int, default=300)
-    g.add_argument("--fasttext-epoch", type=int, default=10)
-    g.add_argument("--fasttext-bucket", type=int, default=200_000, help="subword hash buckets (model size)")
+    g.add_argument("--fasttext-dim", type=int_in_range(1, 2048), default=300)
+    g.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), default=10)
+    g.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000), default=200_000,
+                   help="subword hash buckets (model size)")
     g = p.add_argument_group("bert")
     g.add_argument("--bert-model", default="minilm",
                    help="Hugging Face name or local folder; 'minilm' = the offline all-MiniLM-L6-v2 package")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
-    g.add_argument("--max-length", type=int, default=64)
+    g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
     _add_shard_args(p)
     add_run_args(p, batch_size=128)
     return p
@@ -76,11 +90,14 @@ def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
     """Shared by both stages: split, output path, shard, merge or ``extract(args, split, npy, shard)``."""
     a = parser.parse_args(argv)
     setup_logging(a.verbose)
+    if a.shard is not None and a.shard >= (a.num_shards or 1):
+        parser.error(f"argument --shard: {a.shard} is out of range for --num-shards {a.num_shards or 1} "
+                     f"(shards are 0 to {(a.num_shards or 1) - 1})")
     split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
     npy = feature_path(a.features_dir, a.split, kind, a.encoder)
     shard = resolve_shard(a.shard, a.num_shards)
     if a.merge:
-        meta = merge_shards(npy, shard[1], split.image_ids if kind == "img" else split.caption_ids)
+        meta = merge_shards(npy, shard[1], split.image_ids if kind == "img" else split.caption_ids, a.force)
     else:
         meta = extract(a, split, npy, shard)
     log.info("%s features: %d x %d (%s) -> %s", kind, meta["count"], meta["dim"], meta["encoder"], npy)

@@ -9,8 +9,10 @@ written as ``X.shardIofN.npy`` and :func:`merge_shards` joins them, checking the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,9 @@ from tqdm import tqdm
 from .cli import code_version
 from .coco import CaptionSplit, load_image
 from .errors import DataError, FeatureError
+from .outputs import check, locked
 from .perf import keep_freed_memory
-from .store import ResumableWriter, ids_digest, is_up_to_date, load_features, read_meta, save_features
+from .store import ResumableWriter, ids_digest, load_features, read_meta, save_features, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,9 @@ def _job(kind: str, enc: dict, split: CaptionSplit, ids: np.ndarray, rows: tuple
 
 
 class _Job:
-    """One shard of one extraction: its rows, ids, output file and job identity. ``done`` holds
-    the sidecar when the output is already up to date; else ``writer`` resumes or starts it."""
+    """One shard of one extraction: its rows, ids, output file and job identity. Used as a
+    context manager it holds the output's lock; ``done`` is then the sidecar when the output is
+    already up to date, else ``writer`` resumes or starts it."""
 
     def __init__(self, kind: str, encoder, split: CaptionSplit, all_ids: np.ndarray, npy: Path,
                  shard: tuple[int, int], force: bool):
@@ -61,14 +65,29 @@ class _Job:
         self.ids = all_ids[self.start : self.stop]
         self.job = _job(kind, encoder.describe(), split, self.ids, (self.start, self.stop))
         self.meta = _meta(self.job, split)
+        if hasattr(encoder, "extra_meta"):
+            self.meta.update(encoder.extra_meta(self.npy))
+        self.dim, self.force = encoder.dim, force
         self.done, self.writer = None, None
-        if not force and is_up_to_date(self.npy, self.job):
-            log.info("%s is up to date, skipped (--force redoes it)", self.npy)
-            self.done = read_meta(self.npy)
-            return
-        self.writer = ResumableWriter(self.npy, self.stop - self.start, encoder.dim, self.job)
+        self._lock = locked(self.npy, what=f"feature file {self.npy}")
+
+    def __enter__(self):
+        self._lock.__enter__()
+        try:
+            if check(sidecar_path(self.npy), self.job, self.force, what=f"feature file {self.npy}"):
+                log.info("%s is up to date, skipped (--force redoes it)", self.npy)
+                self.done = read_meta(self.npy)
+                return self
+            self.writer = ResumableWriter(self.npy, self.stop - self.start, self.dim, self.job, fresh=self.force)
+        except BaseException:
+            self._lock.__exit__(*sys.exc_info())
+            raise
         if self.writer.done:
             log.info("resuming %s at row %d of %d", self.npy, self.writer.done, self.stop - self.start)
+        return self
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
 
     def progress_bar(self, unit: str, desc: str, enabled: bool):
         return tqdm(total=self.stop - self.start, initial=self.writer.done, unit=unit, desc=desc,
@@ -112,11 +131,13 @@ def extract_images(
     force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
-    j = _Job("img", encoder, split, split.image_ids, npy, shard, force)
-    if j.done:
-        return j.done
+    with _Job("img", encoder, split, split.image_ids, npy, shard, force) as j:
+        return j.done or _encode_images(j, split, encoder, batch_size, workers, device or torch.device("cpu"),
+                                        skip_bad, progress)
+
+
+def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_bad, progress) -> dict:
     writer = j.writer
-    device = device or torch.device("cpu")
     keep_freed_memory()
     encoder = encoder.to(device).eval()
     data = _ImageRows(split, np.arange(j.start + writer.done, j.stop), encoder.preprocess)
@@ -151,23 +172,23 @@ def extract_texts(
     shard: tuple[int, int] = (0, 1), force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the captions of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
-    j = _Job("text", encoder, split, split.caption_ids, npy, shard, force)
-    if j.done:
-        return j.done
-    writer, start, stop = j.writer, j.start, j.stop
-    keep_freed_memory()
-    bar = j.progress_bar("cap", f"{encoder.name} {split.name}", progress)
-    kw = {"batch_size": batch_size} if encoder.name == "bert" else {}
-    while writer.done < stop - start:
-        lo = start + writer.done
-        hi = min(lo + chunk, stop)
-        writer.write(writer.done, encoder.encode(split.captions[lo:hi], **kw))
-        bar.update(hi - lo)
-    bar.close()
-    return writer.finish(j.meta, j.ids, image_ids=split.caption_image_ids[start:stop])
+    with _Job("text", encoder, split, split.caption_ids, npy, shard, force) as j:
+        if j.done:
+            return j.done
+        writer, start, stop = j.writer, j.start, j.stop
+        keep_freed_memory()
+        bar = j.progress_bar("cap", f"{encoder.name} {split.name}", progress)
+        kw = {"batch_size": batch_size} if encoder.name == "bert" else {}
+        while writer.done < stop - start:
+            lo = start + writer.done
+            hi = min(lo + chunk, stop)
+            writer.write(writer.done, encoder.encode(split.captions[lo:hi], **kw))
+            bar.update(hi - lo)
+        bar.close()
+        return writer.finish(j.meta, j.ids, image_ids=split.caption_image_ids[start:stop])
 
 
-def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray) -> dict:
+def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray, force: bool = False) -> dict:
     """Join ``X.shardIofN.npy`` (I = 0..N-1) into ``X.npy``; checks that the shards come from one
     job, cover contiguous rows, and that their ids are ``expected_ids`` (the split's, in order)
     less the skipped ones. The result equals (and is recorded as) the unsharded run's file."""
@@ -176,28 +197,37 @@ def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray) -> dict:
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise FeatureError(f"cannot merge: shard files missing: {', '.join(missing)}")
-    arrays, metas = zip(*(load_features(p) for p in parts), strict=True)
-    base = {k: v for k, v in metas[0]["job"].items() if k not in ("rows", "ids")}
-    for p, m in zip(parts, metas, strict=True):
-        if {k: v for k, v in m["job"].items() if k not in ("rows", "ids")} != base:
-            raise FeatureError(f"cannot merge: {p} was made by a different encoder, settings or split than {parts[0]}")
-    rows = [m["job"]["rows"] for m in metas]
-    if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
-        raise FeatureError(f"cannot merge: shard rows {rows} are not contiguous from 0")
-    ids = np.concatenate([np.asarray(m["ids"], dtype=np.int64) for m in metas])
-    all_ids = np.concatenate([np.asarray(m["ids"] + m.get("skipped_ids", []), dtype=np.int64) for m in metas])
-    if len(np.unique(all_ids)) != len(all_ids):
-        raise FeatureError("cannot merge: an id appears in two shards")
-    expected = np.asarray(expected_ids, dtype=np.int64)
-    skipped = {i for m in metas for i in m.get("skipped_ids", [])}
-    if rows[-1][1] != len(expected) or not np.array_equal(ids, expected[[i not in skipped for i in expected.tolist()]]):
-        raise FeatureError("cannot merge: the shards' ids do not match the split's ids in order")
-    meta = {k: v for k, v in metas[0].items() if k not in ("count", "dim", "created")}
-    meta["ids"] = ids.tolist()
-    meta["skipped_ids"] = [i for m in metas for i in m.get("skipped_ids", [])]
-    if "image_ids" in metas[0]:
-        meta["image_ids"] = [i for m in metas for i in m["image_ids"]]
-    meta["job"] = dict(metas[0]["job"], rows=[0, len(expected)], ids=ids_digest(expected))
-    meta["merged_from"] = num_shards
-    save_features(npy, np.concatenate(arrays), meta)
-    return read_meta(npy)
+    with contextlib.ExitStack() as stack:
+        for p in parts:  # no shard may change while it is read
+            stack.enter_context(locked(p, shared=True, what=f"shard {p}"))
+        stack.enter_context(locked(npy, what=f"feature file {npy}"))
+        arrays, metas = zip(*(load_features(p) for p in parts), strict=True)
+        base = {k: v for k, v in metas[0]["job"].items() if k not in ("rows", "ids")}
+        for p, m in zip(parts, metas, strict=True):
+            if {k: v for k, v in m["job"].items() if k not in ("rows", "ids")} != base:
+                raise FeatureError(f"cannot merge: {p} was made by a different encoder, settings or split than "
+                                   f"{parts[0]}")
+        rows = [m["job"]["rows"] for m in metas]
+        if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
+            raise FeatureError(f"cannot merge: shard rows {rows} are not contiguous from 0")
+        ids = np.concatenate([np.asarray(m["ids"], dtype=np.int64) for m in metas])
+        all_ids = np.concatenate([np.asarray(m["ids"] + m.get("skipped_ids", []), dtype=np.int64) for m in metas])
+        if len(np.unique(all_ids)) != len(all_ids):
+            raise FeatureError("cannot merge: an id appears in two shards")
+        expected = np.asarray(expected_ids, dtype=np.int64)
+        skipped = {i for m in metas for i in m.get("skipped_ids", [])}
+        if rows[-1][1] != len(expected) or not np.array_equal(ids, expected[[i not in skipped
+                                                                             for i in expected.tolist()]]):
+            raise FeatureError("cannot merge: the shards' ids do not match the split's ids in order")
+        job = dict(metas[0]["job"], rows=[0, len(expected)], ids=ids_digest(expected))
+        if check(sidecar_path(npy), job, force, what=f"feature file {npy}"):
+            log.info("%s is up to date, skipped (--force redoes it)", npy)
+            return read_meta(npy)
+        meta = {k: v for k, v in metas[0].items() if k not in ("count", "dim", "created", "files")}
+        meta["ids"] = ids.tolist()
+        meta["skipped_ids"] = [i for m in metas for i in m.get("skipped_ids", [])]
+        if "image_ids" in metas[0]:
+            meta["image_ids"] = [i for m in metas for i in m["image_ids"]]
+        meta["job"] = job
+        meta["merged_from"] = num_shards
+        return save_features(npy, np.concatenate(arrays), meta)

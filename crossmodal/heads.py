@@ -41,23 +41,48 @@ def random_negative_loss(anchor, pos, neg, margin: float = 1.0) -> torch.Tensor:
 
 
 def hardest_negative_loss(
-    img: torch.Tensor, txt: torch.Tensor, img_rows: torch.Tensor, margin: float = 0.2, direction: str = "both"
+    img: torch.Tensor, txt: torch.Tensor, img_rows: torch.Tensor, margin: float = 0.2, direction: str = "both",
+    reduce: str = "max",
 ) -> torch.Tensor:
     """VSE++ max-of-hinges on cosine similarity, in-batch hardest negatives.
 
     ``img`` (B, d) and ``txt`` (B, d) are the embeddings of B positive (image, caption) pairs,
     ``img_rows`` (B,) the pairs' image rows: a caption of the same image is never a negative.
     ``img2text`` = image anchors against captions, ``text2img`` = caption anchors against
-    images, ``both`` = the sum. Mean over anchors."""
+    images, ``both`` = the sum. Mean over anchors. ``reduce="sum"`` is VSE0's sum of hinges
+    over all in-batch negatives instead of the hardest one (the warm-up of VSE++/VSE∞)."""
     sims = img @ txt.t()  # (B, B); pair i is (img i, txt i); masked entries -> relu(-inf) = 0
     pos = sims.diagonal()
     same = img_rows[:, None] == img_rows[None, :]
     neg = sims.masked_fill(same, float("-inf"))
     loss = sims.new_zeros(())
+    for d, dim in (("img2text", 1), ("text2img", 0)):  # dim 1: captions of each image anchor; 0: images of a caption
+        if direction not in (d, "both"):
+            continue
+        p = pos[:, None] if dim == 1 else pos[None, :]
+        if reduce == "sum":
+            loss = loss + F.relu(margin - p + neg).sum(dim=dim).mean()
+        else:
+            loss = loss + F.relu(margin - pos + neg.max(dim=dim).values).mean()
+    return loss
+
+
+def infonce_loss(
+    img: torch.Tensor, txt: torch.Tensor, img_rows: torch.Tensor, temperature: float = 0.05, direction: str = "both"
+) -> torch.Tensor:
+    """InfoNCE (CLIP's contrastive loss) over in-batch negatives: cross-entropy of each anchor's
+    positive against all in-batch items of other images, on cosine similarity / ``temperature``.
+
+    Shapes and masking as :func:`hardest_negative_loss`: other captions of the anchor's own image
+    are neither positive nor negative. ``both`` = the sum of the two directions' means."""
+    sims = (img @ txt.t()) / temperature
+    same = img_rows[:, None] == img_rows[None, :]
+    eye = torch.eye(len(sims), dtype=torch.bool, device=sims.device)
+    logits = sims.masked_fill(same & ~eye, float("-inf"))
+    target = torch.arange(len(sims), device=sims.device)
+    loss = sims.new_zeros(())
     if direction in ("img2text", "both"):
-        hard = neg.max(dim=1).values  # hardest caption for each image anchor
-        loss = loss + F.relu(margin - pos + hard).mean()
+        loss = loss + F.cross_entropy(logits, target)
     if direction in ("text2img", "both"):
-        hard = neg.max(dim=0).values  # hardest image for each caption anchor
-        loss = loss + F.relu(margin - pos + hard).mean()
+        loss = loss + F.cross_entropy(logits.t(), target)
     return loss

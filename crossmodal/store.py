@@ -1,21 +1,22 @@
-"""Feature store: float32 ``.npy`` arrays with JSON sidecars, atomic writes, resumable fills.
+"""Feature store: float32 ``.npy`` arrays with JSON sidecars, published whole, resumable fills.
 
 A feature file ``X.npy`` (N, D) float32 C-contiguous has a sidecar ``X.json`` with at least
 ``dim``, ``count`` and ``ids`` (COCO ids in row order; caption files also ``image_ids``), plus
-``job`` (what produced it: encoder, settings, weights, split) used to decide whether a
-stage's output is up to date. Loading checks the array against the sidecar.
+``job`` (what produced it: encoder, settings, weights, split, ids digest) and ``files`` (the
+array's digest). Writes go through :mod:`crossmodal.outputs`: the array is renamed into place,
+then the sidecar written; loading checks the array against the sidecar (digest, shape, ids).
 
 :class:`ResumableWriter` fills the rows of a future feature file in order, chunk by chunk,
-into ``X.partial.npy`` (a memmap) and records progress in ``X.progress.json`` after each
-chunk is flushed; a rerun with the same job resumes after the last recorded chunk, and the
-finished array is renamed into place. Nothing finished is lost on interruption.
+into ``X.partial.npy`` (a memory map whose blocks are allocated up front, so a full disk is an
+error, not a SIGBUS) and records progress in ``X.progress.json`` after each chunk is flushed; a
+rerun of the same job resumes after the last recorded chunk. A partial file that is corrupt or
+was made by another job is discarded with a logged line. The caller holds the output's lock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import logging
 import re
 import time
 from pathlib import Path
@@ -23,6 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatureError
+from .outputs import (
+    file_digest,  # noqa: F401 (re-exported: the digest used across stages)
+    publish,
+    read_sidecar,
+    remove,
+    reserve,
+    save_npy,
+    tmp_path,
+    verify_files,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
 
 
 def safe_split_name(split: str) -> str:
@@ -54,46 +68,24 @@ def sidecar_path(npy: str | Path) -> Path:
 
 def ids_digest(*arrays) -> str:
     """Short digest of id arrays: identifies the rows a job covers without listing them."""
+    import hashlib
+
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
     return h.hexdigest()[:16]
 
 
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=1))
-
-
-def save_features(npy: str | Path, array: np.ndarray, meta: dict) -> None:
-    """Write ``array`` (N, D) as float32 and its sidecar, both atomically."""
+def save_features(npy: str | Path, array: np.ndarray, meta: dict) -> dict:
+    """Publish ``array`` (N, D) as float32 with its sidecar; returns the sidecar. The caller
+    holds the output's lock (:func:`crossmodal.outputs.locked`)."""
     npy = Path(npy)
     npy.parent.mkdir(parents=True, exist_ok=True)
     array = np.ascontiguousarray(array, dtype=np.float32)
     meta = _complete_meta(meta, array.shape)
-    _save_array(npy, array)
-    write_json(sidecar_path(npy), meta)
-
-
-def _save_array(npy: Path, array: np.ndarray) -> None:
-    tmp = npy.with_name(npy.stem + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, npy)
+    tmp = tmp_path(npy)
+    save_npy(tmp, array)
+    return publish(sidecar_path(npy), meta, {npy: tmp})
 
 
 def _complete_meta(meta: dict, shape) -> dict:
@@ -110,24 +102,30 @@ def read_meta(npy: str | Path) -> dict:
     if not side.is_file():
         raise FeatureError(f"sidecar {side} of {npy} does not exist")
     try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FeatureError(f"sidecar {side} is not valid json: {e}") from e
+    if not isinstance(meta, dict):
+        raise FeatureError(f"sidecar {side} is not a JSON object")
+    return meta
 
 
 def load_features(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]:
     """Open a feature file (memory-mapped by default) and check it against its sidecar.
 
     Returns ``(array (N, D) float32, meta)``. Raises :class:`FeatureError` naming the file on
-    a missing file, a shape, dtype or id-count mismatch.
+    a missing file, a digest, shape, dtype or id-count mismatch.
     """
     npy = Path(npy)
     if not npy.is_file():
         raise FeatureError(f"feature file {npy} does not exist (run the stage that makes it first)")
     meta = read_meta(npy)
+    problem = verify_files(sidecar_path(npy), meta)
+    if problem:
+        raise FeatureError(f"feature file {npy} cannot be trusted: {problem}; re-run the stage that makes it")
     try:
         arr = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, OSError, EOFError) as e:
         raise FeatureError(f"feature file {npy} is not a readable .npy array: {e}") from e
     expect = (meta.get("count"), meta.get("dim"))
     if arr.ndim != 2 or arr.shape != expect:
@@ -137,52 +135,64 @@ def load_features(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]
         )
     if arr.dtype != np.float32:
         raise FeatureError(f"feature file {npy} has dtype {arr.dtype}, expected float32")
+    if "ids" not in meta or not isinstance(meta["ids"], list):
+        raise FeatureError(f"sidecar {sidecar_path(npy)} has no list of ids")
     for key in ("ids", "image_ids"):
         if key in meta and len(meta[key]) != arr.shape[0]:
             raise FeatureError(f"sidecar {sidecar_path(npy)} lists {len(meta[key])} {key} for {arr.shape[0]} rows")
     return arr, meta
 
 
-def is_up_to_date(npy: str | Path, job: dict) -> bool:
-    """True when ``npy`` exists, loads cleanly and was made by exactly ``job``."""
-    try:
-        _, meta = load_features(npy)
-    except FeatureError:
-        return False
-    return meta.get("job") == job
-
-
 class ResumableWriter:
     """Fill rows [0, n_rows) of a (n_rows, dim) float32 array in chunks, resumably.
 
     ``job`` identifies the work (encoder, settings, ids digest); progress from a different
-    job is discarded. Rows may be marked skipped (unreadable inputs); :meth:`finish` drops
-    them and writes the final file with its sidecar.
+    job, a corrupt partial file, or ``fresh=True`` (``--force``) starts over. Rows may be
+    marked skipped (unreadable inputs); :meth:`finish` drops them and publishes the file.
     """
 
-    def __init__(self, npy: str | Path, n_rows: int, dim: int, job: dict):
+    def __init__(self, npy: str | Path, n_rows: int, dim: int, job: dict, fresh: bool = False):
         self.npy = Path(npy)
         self.npy.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.npy.with_name(self.npy.stem + ".partial.npy")
         self.progress = self.npy.with_name(self.npy.stem + ".progress.json")
         self.n_rows, self.dim, self.job = n_rows, dim, job
         self.done, self.skipped = 0, []
-        state = None
-        if self.progress.is_file() and self.partial.is_file():
-            try:
-                state = json.loads(self.progress.read_text())
-            except json.JSONDecodeError:
-                state = None
-        if state and state.get("job") == job and state.get("shape") == [n_rows, dim]:
-            self.array = np.load(self.partial, mmap_mode="r+")
-            self.done, self.skipped = int(state["done"]), list(state["skipped"])
-        else:
+        self.array = None if fresh else self._reopen()
+        if self.array is None:
+            remove(self.partial, self.progress)
             self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            reserve(self.partial, self.array.offset + self.array.nbytes)
             self._save_progress()
+
+    def _reopen(self):
+        """The partial array of an interrupted run of this job, or None (reason logged)."""
+        if not self.progress.exists() and not self.partial.exists():
+            return None
+        state = read_sidecar(self.progress)
+        why = None
+        if state is None:
+            why = "its progress record is missing or unreadable"
+        elif state.get("job") != self.job or state.get("shape") != [self.n_rows, self.dim]:
+            why = "it was made by another job (other settings or rows)"
+        else:
+            try:
+                arr = np.load(self.partial, mmap_mode="r+", allow_pickle=False)
+                if arr.shape != (self.n_rows, self.dim) or arr.dtype != np.float32:
+                    why = f"it holds a {arr.dtype} array of shape {arr.shape}"
+                elif not 0 <= int(state["done"]) <= self.n_rows:
+                    why = f"its progress record says {state['done']} rows done"
+                else:
+                    self.done, self.skipped = int(state["done"]), [int(r) for r in state["skipped"]]
+                    return arr
+            except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+                why = f"it cannot be read ({type(e).__name__}: {e})"
+        log.warning("discarding the partial output %s of an earlier run: %s", self.partial, why)
+        return None
 
     def _save_progress(self) -> None:
         state = {"job": self.job, "shape": [self.n_rows, self.dim], "done": self.done, "skipped": self.skipped}
-        _atomic_write_text(self.progress, json.dumps(state))
+        write_json(self.progress, state)
 
     def write(self, start: int, rows: np.ndarray, skipped_rows=()) -> None:
         """Store ``rows`` (B, dim) at ``start``; must continue exactly where the last chunk ended."""
@@ -195,7 +205,7 @@ class ResumableWriter:
         self._save_progress()
 
     def finish(self, meta: dict, ids: np.ndarray, image_ids: np.ndarray | None = None) -> dict:
-        """Write the final file. ``ids`` (n_rows,) (and ``image_ids``) are per row, before skips."""
+        """Publish the final file. ``ids`` (n_rows,) (and ``image_ids``) are per row, before skips."""
         if self.done != self.n_rows:
             raise RuntimeError(f"finish() after {self.done} of {self.n_rows} rows")
         keep = np.ones(self.n_rows, bool)
@@ -207,13 +217,10 @@ class ResumableWriter:
         if keep.all():
             meta = _complete_meta(meta, self.array.shape)
             del self.array
-            os.replace(self.partial, self.npy)
+            meta = publish(sidecar_path(self.npy), meta, {self.npy: self.partial})
         else:
-            kept = np.ascontiguousarray(self.array[keep])
-            meta = _complete_meta(meta, kept.shape)
+            meta = save_features(self.npy, self.array[keep], meta)
             del self.array
-            _save_array(self.npy, kept)
             self.partial.unlink()
-        write_json(sidecar_path(self.npy), meta)
         self.progress.unlink()
         return meta

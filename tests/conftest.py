@@ -41,3 +41,14 @@ def demo_features(demo_root, tmp_path_factory):
                    "--fasttext-dim", "64", "--fasttext-bucket", "5000"])
         text_main([*common, "--split", split, "--encoder", "bert"])
     return feats
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """A small generated dataset in COCO layout (24 train / 16 val JPEGs, 96 px): the core
+    guarantees (resume, kill, shards, bad input) are tested on it, so they run without ../shared."""
+    from crossmodal.demo_data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("small")
+    generate_demo_dataset(root, num_train=24, num_val=16, seed=1, image_size=96)
+    return root

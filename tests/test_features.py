@@ -15,6 +15,7 @@ import torch
 from crossmodal.coco import load_split
 from crossmodal.errors import DataError, FeatureError, ModelError
 from crossmodal.image_encoders import EffNetLite0Regions, FasterRCNNRegions
+from crossmodal.outputs import OutputConflictError
 from crossmodal.store import load_features, save_features
 from make_database_img import main as img_main
 from make_database_text import main as text_main
@@ -48,15 +49,18 @@ def test_image_features_shape_order_and_determinism(tmp_path):
     np.testing.assert_allclose(one[0], arr[5], rtol=1e-4, atol=1e-4)
 
 
-def test_up_to_date_output_is_skipped_and_force_redoes(tmp_path, caplog):
-    root = shared("coco-tiny")
-    _img(root, "val", tmp_path)
+def test_up_to_date_output_is_skipped_other_settings_refused_force_redoes(small_root, tmp_path, caplog):
+    _img(small_root, "val", tmp_path)
     npy = tmp_path / "val_img_effnet-lite0.npy"
-    t0 = npy.stat().st_mtime_ns
+    t0, before = npy.stat().st_mtime_ns, npy.read_bytes()
     caplog.set_level("INFO")
-    _img(root, "val", tmp_path)
+    _img(small_root, "val", tmp_path)
     assert npy.stat().st_mtime_ns == t0 and "up to date" in caplog.text
-    _img(root, "val", tmp_path, "--input-size", "96")  # other settings: redone
+    with pytest.raises(OutputConflictError, match=r"val_img_effnet-lite0.npy was made with other settings "
+                                                  r"\(settings.input_size: 128 -> 96\); pass --force"):
+        _img(small_root, "val", tmp_path, "--input-size", "96")
+    assert npy.read_bytes() == before and not list(tmp_path.glob("*partial*"))  # nothing touched
+    _img(small_root, "val", tmp_path, "--input-size", "96", "--force")
     assert load_features(npy)[1]["settings"]["input_size"] == 96
 
 
@@ -73,8 +77,8 @@ def test_sidecar_mismatch_is_refused(tmp_path):
         load_features(npy)
 
 
-def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
-    root = shared("coco-tiny")
+def test_resume_after_interruption_is_byte_identical(small_root, tmp_path, monkeypatch):
+    root = small_root
     _img(root, "train", tmp_path / "ref")
     calls = {"n": 0}
     orig = EffNetLite0Regions.forward
@@ -99,8 +103,8 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill(tmp_path):
-    root = shared("coco-tiny")
+def test_resume_after_sigkill(small_root, tmp_path):
+    root = small_root
     _img(root, "train", tmp_path / "ref")
     cmd = [sys.executable, str(ROOT / "make_database_img.py"), "--coco-root", str(root), "--split", "train",
            "--features-dir", str(tmp_path / "run"), *IMG]
@@ -121,8 +125,8 @@ def test_resume_after_sigkill(tmp_path):
         tmp_path / "ref" / "train_img_effnet-lite0.npy").read_bytes()
 
 
-def test_shards_merge_to_the_unsharded_result(tmp_path):
-    root = shared("coco-tiny")
+def test_shards_merge_to_the_unsharded_result(small_root, tmp_path):
+    root = small_root
     _img(root, "train", tmp_path / "one")
     for i in range(3):
         _img(root, "train", tmp_path / "sh", "--shard", str(i), "--num-shards", "3")
@@ -135,8 +139,8 @@ def test_shards_merge_to_the_unsharded_result(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_shards_from_torchrun_environment(tmp_path, monkeypatch):
-    root = shared("coco-tiny")
+def test_shards_from_torchrun_environment(small_root, tmp_path, monkeypatch):
+    root = small_root
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     meta = _img(root, "val", tmp_path)
@@ -144,19 +148,19 @@ def test_shards_from_torchrun_environment(tmp_path, monkeypatch):
     assert (tmp_path / "val_img_effnet-lite0.shard1of2.npy").is_file()
 
 
-def _copy_tiny_with_bad_image(tmp_path):
+def _copy_with_bad_image(src, tmp_path):
     import shutil
 
     root = tmp_path / "coco"
-    shutil.copytree(shared("coco-tiny"), root)
+    shutil.copytree(src, root)
     split = load_split(root, "val")
     victim = split.image_path(3)
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
     return root, victim, int(split.image_ids[3])
 
 
-def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, caplog):
-    root, victim, vid = _copy_tiny_with_bad_image(tmp_path)
+def test_corrupt_image_is_named_or_skipped_and_counted(small_root, tmp_path, caplog):
+    root, victim, vid = _copy_with_bad_image(small_root, tmp_path)
     with pytest.raises(DataError, match=rf"{victim.name} \(id {vid}\) cannot be decoded"):
         _img(root, "val", tmp_path / "f")
     meta = _img(root, "val", tmp_path / "f", "--skip-bad")
@@ -212,22 +216,37 @@ def _txt(root, split, feats, *extra):
 FT = ["--encoder", "fasttext", "--fasttext-dim", "32", "--fasttext-bucket", "2000", "--fasttext-epoch", "3"]
 
 
-def test_fasttext_trained_on_train_split_only(tmp_path):
-    root = shared("coco-tiny")
-    with pytest.raises(DataError, match="refusing to train fastText on split 'val'"):
-        _txt(root, "val", tmp_path, *FT)
+def test_fasttext_model_is_trained_once_and_records_its_images(small_root, tmp_path):
+    root = small_root
     meta = _txt(root, "val", tmp_path, *FT, "--fasttext-train-split", "train")
     assert meta["weights"]["train_split"] == "train" and meta["dim"] == 32
+    train = load_split(root, "train")
     model_side = json.loads((tmp_path / "train_model_fasttext.json").read_text())
-    assert model_side["params"]["train_split"] == "train"
+    assert model_side["job"]["train_split"] == "train" and model_side["job"]["threads"] == 1
+    # the images whose captions trained it: training refuses the model when they leave the train split
+    assert model_side["image_ids"] == train.image_ids.tolist() == meta["text_model_train_image_ids"]
+    assert meta["text_model_path"] == "train_model_fasttext.bin"  # relative to the features folder
     mtime = (tmp_path / "train_model_fasttext.bin").stat().st_mtime_ns
     tr = _txt(root, "train", tmp_path, *FT)  # the same model is reused, not retrained
     assert (tmp_path / "train_model_fasttext.bin").stat().st_mtime_ns == mtime
     assert tr["weights"]["sha256_16"] == meta["weights"]["sha256_16"]
     arr, side = load_features(tmp_path / "train_text_fasttext.npy")
-    split = load_split(root, "train")
-    assert arr.shape == (120, 32) and side["ids"] == split.caption_ids.tolist()
-    assert side["image_ids"] == split.caption_image_ids.tolist()
+    assert arr.shape == (train.num_captions, 32) and side["ids"] == train.caption_ids.tolist()
+    assert side["image_ids"] == train.caption_image_ids.tolist()
+    with pytest.raises(OutputConflictError, match=r"train_model_fasttext.bin was made with other settings "
+                                                  r"\(dim: 32 -> 16\)"):
+        _txt(root, "train", tmp_path, *FT, "--fasttext-dim", "16")
+
+
+def test_fasttext_training_is_reproducible_across_processes(small_root, tmp_path):
+    """One thread and a fixed seed: two processes train byte-identical models."""
+    code = ("import sys; from crossmodal.coco import load_split; from crossmodal.text_encoders import train_fasttext;"
+            "print(train_fasttext(load_split(sys.argv[1], 'train'), sys.argv[2], dim=16, epoch=2, bucket=2000))")
+    for d in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(small_root), str(tmp_path / d)], cwd=ROOT, check=True,
+                       capture_output=True)
+    assert (tmp_path / "a" / "train_model_fasttext.bin").read_bytes() == (
+        tmp_path / "b" / "train_model_fasttext.bin").read_bytes()
 
 
 def test_fasttext_pretrained_model_is_used(tmp_path):
@@ -236,7 +255,8 @@ def test_fasttext_pretrained_model_is_used(tmp_path):
     meta = _txt(root, "val", tmp_path / "b", "--encoder", "fasttext",
                 "--fasttext-model", str(tmp_path / "a" / "train_model_fasttext.bin"))
     assert meta["weights"]["source"] == "pretrained" and not (tmp_path / "b" / "train_model_fasttext.bin").exists()
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(ModelError, match="no.bin is not a fastText .bin model"):
+        (tmp_path / "no.bin").write_bytes(b"not a model")
         _txt(root, "val", tmp_path / "b", "--encoder", "fasttext", "--fasttext-model", str(tmp_path / "no.bin"))
 
 
