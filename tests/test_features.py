@@ -260,7 +260,7 @@ def test_fasttext_pretrained_model_is_used(tmp_path):
         _txt(root, "val", tmp_path / "b", "--encoder", "fasttext", "--fasttext-model", str(tmp_path / "no.bin"))
 
 
-def test_bert_features_pooling_order_and_resume(tmp_path, monkeypatch):
+def test_bert_features_pooling_and_row_order(tmp_path):
     root = shared("coco-tiny")
     meta = _txt(root, "val", tmp_path / "m", "--encoder", "bert", "--batch-size", "16")
     arr, side = load_features(tmp_path / "m" / "val_text_bert.npy")
@@ -275,6 +275,34 @@ def test_bert_features_pooling_order_and_resume(tmp_path, monkeypatch):
     assert cls["settings"]["pooling"] == "cls"
     assert not np.allclose(load_features(tmp_path / "c" / "val_text_bert.npy")[0], arr)
     assert meta["weights"]["architecture"] == "bert"
+
+
+def test_caption_extraction_resumes_byte_identical(small_root, tmp_path, monkeypatch):
+    from crossmodal.extract import extract_texts
+    from crossmodal.text_encoders import BertEncoder
+
+    split, enc = load_split(small_root, "val"), BertEncoder()
+    ref = extract_texts(split, enc, tmp_path / "ref" / "v.npy", chunk=16, progress=False)
+    orig, calls = BertEncoder.encode, {"n": 0}
+
+    def dying(self, texts, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(self, texts, **kw)
+
+    monkeypatch.setattr(BertEncoder, "encode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        extract_texts(split, enc, tmp_path / "run" / "v.npy", chunk=16, progress=False)
+    assert json.loads((tmp_path / "run" / "v.progress.json").read_text())["done"] == 32
+    monkeypatch.setattr(BertEncoder, "encode", orig)
+    calls["n"] = 0
+    monkeypatch.setattr(BertEncoder, "encode", lambda self, texts, **kw: (calls.__setitem__("n", calls["n"] + len(
+        texts)), orig(self, texts, **kw))[1])
+    meta = extract_texts(split, enc, tmp_path / "run" / "v.npy", chunk=16, progress=False)
+    assert calls["n"] == split.num_captions - 32  # only the rows not yet written were encoded
+    assert (tmp_path / "run" / "v.npy").read_bytes() == (tmp_path / "ref" / "v.npy").read_bytes()
+    assert meta["ids"] == ref["ids"] and meta["image_ids"] == ref["image_ids"]
 
 
 def test_unknown_bert_model_is_a_clear_error(tmp_path):

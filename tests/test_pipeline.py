@@ -56,8 +56,11 @@ def test_pipeline_on_real_coco_tiny(tmp_path, monkeypatch):
     summary = run(["--coco-root", str(root), "--train-split", "train", "--val-split", "val", "--out", "tiny",
                    "--epochs", "5", "--fasttext-dim", "32", "--fasttext-bucket", "2000", "--quiet"])
     assert set(summary["results"]) == {f"{d}_{e}" for _, d, e in MODELS}
-    for m in summary["results"].values():
+    rsum = lambda m: sum(m[f"{d}_R@{k}"] for d in ("img2text", "text2img") for k in (1, 5, 10))  # noqa: E731
+    chance = rsum(summary["chance"])
+    for name, m in summary["results"].items():
         assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float))
-        assert m["img2text_R@10"] > 0
+        # 24 training images: BERT models are well above chance (measured 1.7x), fastText near it
+        assert rsum(m) >= (1.3 if "bert" in name else 0.9) * chance, (name, rsum(m), chance)
     saved = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert "16 images, 80 captions" in saved["header"]
