@@ -162,7 +162,12 @@ class ResumableWriter:
         if self.array is None:
             remove(self.partial, self.progress)
             self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n_rows, dim))
-            reserve(self.partial, self.array.offset + self.array.nbytes)
+            try:
+                reserve(self.partial, self.array.offset + self.array.nbytes)
+            except OSError:
+                del self.array
+                remove(self.partial)  # an unbacked map would die with SIGBUS later: never keep it
+                raise
             self._save_progress()
 
     def _reopen(self):

@@ -159,6 +159,7 @@ def _train_in_subprocess(corpus: Path, out: Path, dim: int, epoch: int, bucket: 
     """Train skipgram fastText on ``corpus`` into ``out``; returns the (t, lr) that worked."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -174,6 +175,11 @@ def _train_in_subprocess(corpus: Path, out: Path, dim: int, epoch: int, bucket: 
         return tuple(lines[-1]["ok"])
     why = (lines[-1].get("error") if lines else None) or (proc.stderr.strip().splitlines() or ["no output"])[-1]
     out.unlink(missing_ok=True)
+    need = 4 * dim * (bucket + 2 * len(set(Path(corpus).read_text().split())))  # input + output matrices
+    if shutil.disk_usage(out.parent).free < need:
+        from .outputs import DiskFullError
+
+        raise DiskFullError(f"no space left on device writing {out}, {need / 1e6:.1f} MB needed")
     raise ModelError(f"fastText training into {out} failed (exit code {proc.returncode}): {why}")
 
 
