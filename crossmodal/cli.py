@@ -23,6 +23,15 @@ from . import __version__
 
 log = logging.getLogger("crossmodal")
 
+# OpenMP threads waiting for work sleep instead of spinning. With spinning (libgomp's default),
+# a process whose cores are shared (other jobs, a second extraction) burns them in busy-waits:
+# on the 2-core machine here, under load, 200 demo images took 68-130 s alone and 270 s each as
+# two concurrent extractions, against 13-26 s and 30 s with PASSIVE (README "Several jobs on one
+# machine"). Read when torch loads libgomp, so it is set here, before the scripts import torch;
+# OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 MAX_TEXT_CHARS = 1000  # a typed query sentence
 
 
@@ -263,6 +272,8 @@ def os_error_line(e: OSError) -> str | None:
         return f"{where}: {reason}"
     if e.errno in _ENV_ERRNOS and isinstance(e, PermissionError):
         return f"permission denied: {reason}"
+    if isinstance(e, FileExistsError | NotADirectoryError) and where:
+        return f"{where}: {reason} (a file stands where a folder is needed: check the output path)"
     if isinstance(e, _PATH_ERRORS) and where:
         return f"{where}: {reason}"
     return None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import setup_logging
+from .cli import existing_dir, existing_file, int_in_range, positive_int, setup_logging, split_name
 
 log = logging.getLogger("crossmodal.pipeline")
 
@@ -37,23 +37,25 @@ SUMMARY_KEYS = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="generate and use the embedded demo dataset")
-    p.add_argument("--coco-root", default=None)
-    p.add_argument("--karpathy-file", default=None)
-    p.add_argument("--train-split", default="train")
-    p.add_argument("--val-split", default="val")
+    p.add_argument("--coco-root", default=None, type=existing_dir)
+    p.add_argument("--karpathy-file", default=None, type=existing_file)
+    p.add_argument("--train-split", default="train", type=split_name)
+    p.add_argument("--val-split", default="val", type=split_name)
     p.add_argument("--out", default="demo", help="results go to features/<out>/ and runs/<out>/")
-    p.add_argument("--image-encoder", default="effnet-lite0")
-    p.add_argument("--input-size", type=int, default=None, help="effnet-lite0 input side (default 256)")
+    p.add_argument("--image-encoder", default="effnet-lite0", choices=["effnet-lite0", "fasterrcnn"])
+    p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
+                   help="effnet-lite0 input side (default 256)")
     p.add_argument("--bert-model", default="minilm")
-    p.add_argument("--fasttext-dim", type=int, default=300)
-    p.add_argument("--fasttext-bucket", type=int, default=20_000)
-    p.add_argument("--fasttext-epoch", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--demo-train", type=int, default=400, help="demo images in train")
-    p.add_argument("--demo-val", type=int, default=100, help="demo images in val")
+    p.add_argument("--fasttext-dim", type=int_in_range(1, 2048), default=300)
+    p.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000), default=20_000)
+    p.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), default=20)
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--demo-train", type=int_in_range(2, 1_000_000), default=400, help="demo images in train")
+    p.add_argument("--demo-val", type=int_in_range(2, 1_000_000), default=100, help="demo images in val")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -99,7 +101,7 @@ def run(argv=None) -> dict:
     import retrieve_text2img
 
     a = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(a.verbose)
     t_start = time.perf_counter()
     if a.demo:
         from .demo_data import generate_demo_dataset
@@ -109,7 +111,9 @@ def run(argv=None) -> dict:
         log.info("demo dataset: %s at %s (%.1f MB)", meta["splits"], root, meta["bytes"] / 1e6)
         a.coco_root, a.train_split, a.val_split = str(root), "train", "val"
     if not a.coco_root:
-        raise SystemExit("error: give --demo or --coco-root")
+        from .errors import DataError
+
+        raise DataError("give --demo or --coco-root")
     feats, runs = Path("features") / a.out, Path("runs") / a.out
     data = ["--coco-root", a.coco_root] + (["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])
     common = (["--force"] if a.force else []) + (["--no-progress"] if a.quiet else []) + (
