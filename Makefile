@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean search
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(VENV)/.installed lint
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
+
+# After `make demo`: the demo's best model (highest validation rsum in runs/demo/summary.json) in the
+# browser at http://127.0.0.1:8000/ (ARGS="--port 8080" to change; Ctrl-C stops).
+search: $(VENV)/.installed
+	$(PY) -m crossmodal.serve --run runs/demo --split val --coco-root data/demo $(ARGS)
 
 clean:
 	rm -rf data/demo features runs
