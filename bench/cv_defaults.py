@@ -216,7 +216,8 @@ def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epo
     val = _pairs(img, im, txt, tm, cap_rows, val_rows)
     assert not set(train.img_meta["ids"]) & set(val.img_meta["ids"]), "a validation image is in the training fold"
     args = build_parser(cfg.direction, "bert").parse_args(
-        ["--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress", *cfg.argv])
+        ["--features-dir", ".", "--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress",
+         *cfg.argv])
     trainer = Trainer(args, train, val, torch.device("cpu"))
     curve, best, best_emb = [], None, None
     for epoch in range(args.epochs):

@@ -54,7 +54,8 @@ def ours(d_txt: int, negatives: str, steps: int, batch: int = 128):
     txt = torch.from_numpy(rng.standard_normal((N_CAP, d_txt), dtype=np.float32))
     rows = np.repeat(np.arange(N_IMG), 5)
     rows = np.concatenate([rows, rng.integers(0, N_IMG, N_CAP - len(rows))])
-    args = build_parser("img2text", "fasttext").parse_args(["--negatives", negatives, "--batch-size", str(batch)])
+    args = build_parser("img2text", "fasttext").parse_args(["--features-dir", ".", "--negatives", negatives,
+                                                            "--batch-size", str(batch)])
     tr = Trainer(args, Pairs(img, txt, rows, {}, {}, np.ones(N_CAP, bool)), None, torch.device("cpu"))
     epoch_idx = {"img2text": tr.i2t.epoch_indices(0)} if negatives == "random" else {}
     perm = np.random.default_rng(1).permutation(N_CAP)

@@ -220,7 +220,8 @@ def test_warmup_sums_negatives_then_takes_the_hardest(demo_features, monkeypatch
     seen = []
     real = tr.hardest_negative_loss
     monkeypatch.setattr(tr, "hardest_negative_loss", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
-    a = build_parser("img2text", "bert").parse_args(["--negatives", "hardest", "--warmup-epochs", "2",
+    a = build_parser("img2text", "bert").parse_args(["--features-dir", str(demo_features), "--negatives", "hardest",
+                                                      "--warmup-epochs", "2",
                                                       "--epochs", "4", "--batch-size", "256"])
     pairs = lambda s: load_pairs(demo_features / f"{s}_img_effnet-lite0.npy", demo_features / f"{s}_text_bert.npy")  # noqa: E731
     trainer = Trainer(a, pairs("train"), pairs("val"), torch.device("cpu"))
