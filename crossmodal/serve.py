@@ -227,7 +227,7 @@ class Searcher:
                           img_index=img_index, txt_index=txt_index,
                           image_paths={i: file_of[i] for i in img_ids.tolist()})
 
-        text_encoder = text_encoder_from_sidecar(txt_fmeta)
+        text_encoder = text_encoder_from_sidecar(txt_fmeta, txt_fpath)
         settings = dict(img_fmeta.get("settings") or {})
         weights = img_fmeta.get("weights") or {}
         if img_fmeta["encoder"] == "fasterrcnn":
