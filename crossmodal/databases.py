@@ -71,14 +71,16 @@ def text_parser() -> argparse.ArgumentParser:
     g.add_argument("--fasttext-model", default=None, type=existing_file,
                    help="a pretrained fastText .bin (else one is trained)")
     g.add_argument("--fasttext-train-split", default=None, type=split_name,
-                   help="the TRAIN split whose captions train the model (default: --split, refused if held out)")
+                   help="the TRAIN split whose captions train the model (default: --split); training refuses a "
+                        "model that saw captions of images outside its training split")
     g.add_argument("--fasttext-dim", type=int_in_range(1, 2048), default=300)
     g.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), default=10)
     g.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000), default=200_000,
                    help="subword hash buckets (model size)")
     g = p.add_argument_group("bert")
     g.add_argument("--bert-model", default="minilm",
-                   help="Hugging Face name or local folder; 'minilm' = the offline all-MiniLM-L6-v2 package")
+                   help="Hugging Face name or local folder; 'minilm' = the offline all-MiniLM-L6-v2 package; "
+                        "'mpnet' = all-mpnet-base-v2 (best in the cross-validation; README for its offline install)")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
     _add_shard_args(p)
