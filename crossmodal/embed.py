@@ -151,14 +151,11 @@ def load_embeddings(run_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     Refuses embeddings whose files do not match their sidecars, or that were made from another
     checkpoint than the one the run folder holds now (the run was retrained since)."""
     from .coco import rows_of
-    from .train import require_ids
 
     run_dir = Path(run_dir)
     p = embedding_paths(run_dir, split)
     img, im = load_features(p["img"])
     txt, tm = load_features(p["text"])
-    require_ids(im, p["img"], ("ids",))
-    require_ids(tm, p["text"], ("ids", "image_ids"))
     for meta, path in ((im, p["img"]), (tm, p["text"])):
         ck = run_dir / str(meta.get("checkpoint", "best.pt"))
         want = (meta.get("job") or {}).get("inputs", {}).get("checkpoint")

@@ -135,19 +135,15 @@ def _same_encoder(recorded: dict, rebuilt: dict) -> list[str]:
     return diff
 
 
-def _feature_meta(run_dir: Path, recorded: str | None, features_dirs: list[str], what: str) -> tuple[Path, dict]:
-    """The feature file an embedding sidecar names: relative to the run folder, as given (older
-    runs), or the same file name in the run's features folder."""
+def _feature_meta(run_dir: Path, recorded: str | None, what: str) -> tuple[Path, dict]:
+    """The feature file an embedding sidecar names (recorded relative to the run folder) and its sidecar."""
     from .store import read_meta
 
-    cands = [run_dir / recorded, Path(recorded)] if recorded else []
-    for d in features_dirs if recorded else []:
-        cands += [run_dir / d / Path(recorded).name, Path(d) / Path(recorded).name]
-    for p in cands:
-        if p.with_suffix(".json").is_file():
-            return p, read_meta(p)
-    raise FeatureError(f"the {what} features the embeddings were made from ({recorded}) cannot be found; "
-                       "run the serve command from the folder the pipeline ran in")
+    path = run_dir / str(recorded)
+    if not recorded or not path.with_suffix(".json").is_file():
+        raise FeatureError(f"the {what} features the embeddings were made from ({path}) cannot be found; "
+                           "they were moved or deleted since get_features_captions.py ran")
+    return path, read_meta(path)
 
 
 class Searcher:
@@ -175,7 +171,7 @@ class Searcher:
         from .image_encoders import build_image_encoder
         from .index import describe, load_index
         from .retrieve import text_encoder_from_sidecar
-        from .store import file_digest, load_features
+        from .store import load_features
         from .train import check_features_fit, heads_from_checkpoint, load_checkpoint
 
         run_dir, chosen = resolve_run(run)
@@ -184,14 +180,9 @@ class Searcher:
             if meta.get("split") != split:
                 raise FeatureError(f"{run_dir}: the {what} embeddings are of split {meta.get('split')!r}, "
                                    f"not {split!r}")
-        recorded_ck = str(im.get("checkpoint") or "best.pt")  # relative to the run (or, older runs, the cwd)
-        ck_path = run_dir / recorded_ck if (run_dir / recorded_ck).is_file() else run_dir / Path(recorded_ck).name
+        # load_embeddings has checked that this checkpoint (relative to the run) is the one they came from
+        ck_path = run_dir / im["checkpoint"]
         ck = load_checkpoint(ck_path)
-        job = im.get("job") or {}
-        recorded = (job.get("inputs") or {}).get("checkpoint") or job.get("checkpoint")
-        if recorded and recorded != file_digest(ck_path):
-            raise FeatureError(f"the embeddings in {run_dir / 'embeddings'} were made from another {ck_path.name} "
-                               f"than the one in {run_dir}: rerun get_features_captions.py --run {run_dir} --force")
         img_head, txt_head = heads_from_checkpoint(ck)
         out_dim = ck["head_config"]["img"]["out_dim"]
         if img.shape[1] != out_dim or txt.shape[1] != out_dim:
@@ -203,10 +194,8 @@ class Searcher:
         for index, p in ((img_index, paths["img_index"]), (txt_index, paths["text_index"])):
             if index.d != out_dim:
                 raise FeatureError(f"Faiss index {p} is {index.d}-d, the embeddings {out_dim}-d")
-        targs = ck.get("args") or {}
-        fdir = [d for d in (targs.get("features_dir_from_run"), targs.get("features_dir")) if d]
-        img_fpath, img_fmeta = _feature_meta(run_dir, im.get("features"), fdir, "image")
-        txt_fpath, txt_fmeta = _feature_meta(run_dir, tm.get("features"), fdir, "caption")
+        img_fpath, img_fmeta = _feature_meta(run_dir, im.get("features"), "image")
+        txt_fpath, txt_fmeta = _feature_meta(run_dir, tm.get("features"), "caption")
         check_features_fit(ck, img_fmeta, txt_fmeta, f"({img_fpath}, {txt_fpath})")
         _check_heads_reproduce(img_head, img_fpath, im, img, "image", load_features)
         _check_heads_reproduce(txt_head, txt_fpath, tm, txt, "caption", load_features)

@@ -135,8 +135,11 @@ def load_features(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]
         )
     if arr.dtype != np.float32:
         raise FeatureError(f"feature file {npy} has dtype {arr.dtype}, expected float32")
-    if "ids" not in meta or not isinstance(meta["ids"], list):
-        raise FeatureError(f"sidecar {sidecar_path(npy)} has no list of ids")
+    required = ("ids", "image_ids") if meta.get("kind") == "text" else ("ids",)  # captions: their images too
+    missing = [k for k in required if not isinstance(meta.get(k), list)]
+    if missing:
+        raise FeatureError(f"the sidecar of {npy} lacks the id list {', '.join(missing)}: it was not written by "
+                           "this project, or was edited; re-run the stage that makes it with --force")
     for key in ("ids", "image_ids"):
         if key in meta and len(meta[key]) != arr.shape[0]:
             raise FeatureError(f"sidecar {sidecar_path(npy)} lists {len(meta[key])} {key} for {arr.shape[0]} rows")

@@ -90,14 +90,6 @@ class Pairs:
     cap_mask: np.ndarray  # (rows of the caption file,) True for the captions kept here
 
 
-def require_ids(meta: dict, npy, keys=("ids",)) -> None:
-    """Refuse a sidecar without its id lists (``ids``; captions also ``image_ids``)."""
-    missing = [k for k in keys if not isinstance(meta.get(k), list)]
-    if missing:
-        raise FeatureError(f"the sidecar of {npy} lacks the id list {', '.join(missing)}: it was not written by "
-                           "this project, or was edited; re-run the stage that makes it with --force")
-
-
 def check_finite(bank, npy, chunk: int = 65_536) -> None:
     """Refuse features holding NaN or infinite values (``bank`` (N, D), checked in row blocks)."""
     for s in range(0, len(bank), chunk):
@@ -121,8 +113,6 @@ def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_g
         raise FeatureError(f"{img_npy} must hold image features and {txt_npy} caption features")
     if len(img) == 0 or len(txt) == 0:
         raise DataError(f"empty split: {img_npy} has {len(img)} rows, {txt_npy} has {len(txt)}")
-    require_ids(im, img_npy, ("ids",))
-    require_ids(tm, txt_npy, ("ids", "image_ids"))
     check_finite(img, img_npy)
     check_finite(txt, txt_npy)
     img_ids = np.asarray(im["ids"], dtype=np.int64)
