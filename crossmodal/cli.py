@@ -134,12 +134,25 @@ def existing_dir(text: str) -> str:
     return text
 
 
+# Unicode categories that print nothing: separators (Z*), controls and format characters such as the
+# zero-width space (Cc, Cf), unassigned and private-use code points (Cn, Co), surrogates (Cs).
+_INVISIBLE = ("Z", "Cc", "Cf", "Cn", "Co", "Cs")
+
+
+def has_visible_text(text) -> bool:
+    """True when ``text`` is a string with at least one printing character (Unicode-aware: a caption of
+    zero-width spaces or no-break spaces alone has none)."""
+    import unicodedata
+
+    return isinstance(text, str) and any(not unicodedata.category(c).startswith(_INVISIBLE) for c in text)
+
+
 def non_blank_text(max_chars: int = MAX_TEXT_CHARS):
-    """A string with something other than white space, at most ``max_chars`` long."""
+    """A string with a visible character (not only white space or zero-width ones), at most ``max_chars`` long."""
 
     def check(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"{text!r} is blank: give some words")
+        if not has_visible_text(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is blank (no visible character): give some words")
         if len(text) > max_chars:
             raise argparse.ArgumentTypeError(f"{text[:40]!r}... is {len(text)} characters long, at most {max_chars}")
         return text
