@@ -571,7 +571,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-slots", type=positive_int, default=None,
                    help="uploads decoded at once (default: the cores this process may use, at most 8)")
     p.add_argument("--upload-queue", type=non_negative_int, default=None,
-                   help="uploads that may wait for a slot; more get 503 at once (default 2 x slots)")
+                   help="uploads that may wait for a slot; more get 503 at once (default 4 x slots)")
     p.add_argument("--pixel-budget", type=positive_int, default=None,
                    help="pixels of all uploads decoded at once, >= --max-pixels (default max-pixels x min(slots, 2))")
     p.add_argument("--max-connections", type=positive_int, default=100,

@@ -48,7 +48,7 @@ class QueryError(Exception):
 @dataclass(frozen=True)
 class Limits:
     """Bounds on every request. ``None`` in the upload fields means: sized to the machine
-    (slots: the cores, at most 8; queue: 2 x slots; pixel budget: ``max_pixels`` x min(slots, 2),
+    (slots: the cores, at most 8; queue: 4 x slots; pixel budget: ``max_pixels`` x min(slots, 2),
     so that at most two of the largest images are decoded at once, whatever the cores)."""
 
     max_text_chars: int = 500
@@ -64,7 +64,7 @@ class Limits:
 
     def __post_init__(self):
         slots = self.upload_slots if self.upload_slots is not None else default_upload_slots()
-        queue = self.upload_queue if self.upload_queue is not None else 2 * slots
+        queue = self.upload_queue if self.upload_queue is not None else 4 * slots
         budget = self.pixel_budget if self.pixel_budget is not None else self.max_pixels * min(slots, 2)
         for name, v in (("max_upload_bytes", self.max_upload_bytes), ("max_pixels", self.max_pixels),
                         ("upload_slots", slots), ("upload_wait_s", self.upload_wait_s),
@@ -214,6 +214,7 @@ async def read_upload(request, limits: Limits) -> bytes:
     Never reads more than the byte limit (plus room for the form's headers)."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.requests import ClientDisconnect
 
     cap = limits.max_upload_bytes + 64 * 1024
     too_big = QueryError(413, f"the upload is larger than the limit of {limits.max_upload_bytes} bytes")
@@ -231,6 +232,8 @@ async def read_upload(request, limits: Limits) -> bytes:
                     raise too_big
     except TimeoutError:
         raise QueryError(408, f"the upload's body did not arrive within {limits.body_timeout_s:g} s") from None
+    except ClientDisconnect:  # the client went away (or lied about Content-Length): nobody gets the answer
+        raise QueryError(400, "the client disconnected before its upload arrived") from None
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         return bytes(body)
