@@ -60,17 +60,19 @@ def proc_memory_mb(pid: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def start_server(paths: dict, *extra: str, startup_s: float = 180.0):
-    """``python -m crossmodal.serve`` over the test run on a free loopback port -> (process, port)."""
+def start_server(paths: dict, log: Path, *extra: str, startup_s: float = 180.0):
+    """``python -m crossmodal.serve`` over the test run on a free loopback port, its stderr in
+    ``log`` -> (process, port)."""
     port = free_port()
     cmd = [sys.executable, "-m", "crossmodal.serve", "--run", str(paths["run"]), "--split", "val",
            "--coco-root", str(paths["root"]), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = open(log, "w")  # noqa: SIM115 (closed below, after the process)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     try:
         end = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+                raise AssertionError(f"server exited {proc.returncode}: {log.read_text()[-2000:]}")
             try:
                 if request(port, "GET", "/api/info", timeout=5)[0] == 200:
                     break
@@ -86,6 +88,7 @@ def start_server(paths: dict, *extra: str, startup_s: float = 180.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=20)
+        err.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +126,8 @@ def good_queries_answer(port: int, paths: dict) -> None:
 
 
 @pytest.mark.slow
-def test_burst_of_largest_uploads_keeps_memory_bounded(paths):
-    with start_server(paths) as (proc, port):
+def test_burst_of_largest_uploads_keeps_memory_bounded(paths, tmp_path):
+    with start_server(paths, tmp_path / "server.log") as (proc, port):
         info = json.loads(request(port, "GET", "/api/info")[1])
         lim = info["limits"]
         busy_slots = min(lim["upload_slots"], lim["pixel_budget"] // lim["max_pixels"])
@@ -182,3 +185,52 @@ def test_burst_of_largest_uploads_keeps_memory_bounded(paths):
         assert after <= idle + 150, f"RSS after the burst {after:.0f} MB, idle {idle:.0f} MB"
         good_queries_answer(port, paths)
         assert proc.poll() is None
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def raw_http(port: int, data: bytes = b"", pieces: tuple = (), close_write: bool = False, timeout: float = 15) -> int:
+    """Send raw bytes (or ``pieces``: (bytes, seconds to wait after)); -> the response's status, 0 if none."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for piece, pause in pieces or ((data, 0),):
+            s.sendall(piece)
+            time.sleep(pause)
+        if close_write:
+            s.shutdown(socket.SHUT_WR)
+        first = s.recv(4096).split(b"\r\n", 1)[0]
+    return int(first.split()[1]) if first.startswith(b"HTTP/") else 0
+
+
+@pytest.mark.slow
+def test_raw_http_attacks_get_answers_and_leave_no_traceback(paths, tmp_path):
+    """Lying Content-Length, a client gone mid-body, a slow body, malformed requests: each gets an
+    answer (or a closed connection), the server keeps serving and logs no traceback."""
+    log = tmp_path / "server.log"
+    body = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(body, format="PNG")
+    png = body.getvalue()
+    head = b"POST /api/upload?k=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    with start_server(paths, log) as (proc, port):
+        cases = {  # name: (status expected, or None for "any answer or none"; how)
+            "content-length larger than the body, then gone": (
+                None, lambda: raw_http(port, head + b"Content-Length: 5000\r\n\r\n" + png[:100], close_write=True)),
+            "content-length smaller than the body": (
+                422, lambda: raw_http(port, head + b"Content-Length: %d\r\n\r\n" % (len(png) - 50) + png)),
+            "content-length negative": (400, lambda: raw_http(port, head + b"Content-Length: -5\r\n\r\n")),
+            "content-length not a number": (400, lambda: raw_http(port, head + b"Content-Length: abc\r\n\r\n")),
+            "content-length of 1 TB": (413, lambda: raw_http(port, head + b"Content-Length: %d\r\n\r\n" % 10**12)),
+            "chunked body over the limit": (413, lambda: raw_http(port, head + b"Transfer-Encoding: chunked\r\n\r\n"
+                                                             + b"100000\r\n" + b"\0" * 2**20 + b"\r\n" * 1
+                                                             + b"".join(b"100000\r\n" + b"\0" * 2**20 + b"\r\n"
+                                                                        for _ in range(10)) + b"0\r\n\r\n")),
+            "slow body, complete": (200, lambda: raw_http(port, pieces=(
+                (head + b"Content-Length: %d\r\n\r\n" % len(png), 0.3),
+                *((png[i:i + 30], 0.1) for i in range(0, len(png), 30))))),
+            "garbage request line": (400, lambda: raw_http(port, b"\x16\x03\x01\x02\x00\r\n\r\n")),
+        }
+        for name, (status, send) in cases.items():
+            got = send()
+            assert status is None or got == status, (name, got)
+            assert request(port, "GET", "/api/info", timeout=10)[0] == 200, name
+        time.sleep(0.3)
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
