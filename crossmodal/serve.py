@@ -481,7 +481,10 @@ def create_app(searcher: Searcher):
 
     @app.exception_handler(QueryError)
     async def _query_error(request, exc: QueryError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.status == 503:  # busy: the upload slots and their queue are full
+            response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):

@@ -125,16 +125,24 @@ def test_slots_bound_concurrent_decodes_and_a_long_wait_is_503():
     assert not errors and gate.peak["running"] == 2 and gate.running == 0
 
 
-def test_memory_is_given_back_after_large_decodes_and_bursts(monkeypatch):
+def test_memory_is_given_back_after_large_decodes_only(monkeypatch):
     calls = []
     monkeypatch.setattr(serve_uploads, "return_freed_memory", lambda: calls.append(1) or True)
     gate = UploadGate(Limits(upload_slots=2))
-    with gate.decoding(10), gate.decoding(10):
+    with gate.decoding(10), gate.decoding(serve_uploads.TRIM_PIXELS - 1):
         pass
-    assert len(calls) == 1  # small decodes: once, when the burst ends
-    with gate.decoding(10), gate.decoding(serve_uploads.TRIM_PIXELS):
-        assert len(calls) == 1
-    assert len(calls) == 3  # the large one at once, then the end of the burst
+    assert calls == []  # small decodes: a trim would cost the next query its page faults
+    with gate.decoding(10):
+        with gate.decoding(serve_uploads.TRIM_PIXELS):
+            pass
+        assert len(calls) == 1  # a large one gives its memory back as soon as it ends
+    assert len(calls) == 1
+
+
+def test_decodes_run_on_the_gates_own_threads():
+    gate = UploadGate(Limits(upload_slots=2))
+    names = {gate.run(1, lambda: threading.current_thread().name) for _ in range(20)}
+    assert 1 <= len(names) <= 2 and all(n.startswith("upload-decode") for n in names)
 
 
 def test_return_freed_memory_works_on_glibc():
@@ -252,7 +260,7 @@ def test_a_full_server_answers_503_in_one_line(searcher):
     small.uploads = UploadGate(Limits(upload_slots=1, upload_queue=0))
     with TestClient(create_app(small)) as c, small.uploads.admit():
         r = c.post("/api/upload", content=png(), headers={"content-type": "image/png"})
-        assert "busy" in _one_line(r, 503)
+        assert "busy" in _one_line(r, 503) and r.headers["retry-after"] == "5"
     assert small.uploads.admitted == 0
     assert c.post("/api/upload", content=png(), headers={"content-type": "image/png"}).status_code == 200
 

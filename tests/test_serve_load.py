@@ -2,11 +2,12 @@
 loopback port) under a burst of the largest allowed uploads: its memory stays bounded, comes
 back after the burst, and good queries still answer.
 
-The bound (README, "Serving"): peak RSS <= 1.25 x idle RSS + one decode per busy slot, where a
+The bound (README, "Serving"): peak RSS <= 1.5 x idle RSS + one decode per busy slot, where a
 busy slot is one of ``min(upload_slots, pixel_budget // max_pixels)`` and one decode of an RGB
-image is 8 bytes per pixel (PIL's 4-byte pixels, plus the RGB copy ``load_image`` returns).
-Measured on the 2-core CI machine: idle 0.86 GB, peak 1.40 GB (bound 1.72 GB); before the
-bounded server the same burst peaked at 12.1 GB and kept 3.7 GB.
+image is 8 bytes per pixel (PIL's 4-byte pixels, plus the RGB copy ``load_image`` returns);
+afterwards RSS <= 1.25 x idle. Measured on the 2-core CI machine: idle 0.86 GB, peak 1.43-1.57
+GB (bound 1.9 GB), 0.93-0.95 GB after; before the bounded server the same burst peaked at
+12.1 GB and kept 3.7 GB.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def test_burst_of_largest_uploads_keeps_memory_bounded(paths, tmp_path):
         hwm = proc_memory_mb(proc.pid)["VmHWM"]
         peak_mb = max(peak[0], hwm)
         decode_mb = BYTES_PER_DECODED_PIXEL * lim["max_pixels"] / 2**20
-        bound = 1.25 * idle + busy_slots * decode_mb
+        bound = 1.5 * idle + busy_slots * decode_mb
         codes = sorted(st for st, _ in results)
         print(f"idle {idle:.0f} MB, peak {peak_mb:.0f} MB, bound {bound:.0f} MB ({busy_slots} slots x "
               f"{decode_mb:.0f} MB), {codes.count(200)} x 200, {codes.count(503)} x 503 in {elapsed:.1f} s")
@@ -180,9 +181,11 @@ def test_burst_of_largest_uploads_keeps_memory_bounded(paths, tmp_path):
             else:
                 assert msg["query"]["width"] * msg["query"]["height"] <= lim["max_pixels"]
         assert peak_mb <= bound, f"peak RSS {peak_mb:.0f} MB over the bound {bound:.0f} MB (idle {idle:.0f} MB)"
-        time.sleep(0.5)
-        after = proc_memory_mb(proc.pid)["VmRSS"]
-        assert after <= idle + 150, f"RSS after the burst {after:.0f} MB, idle {idle:.0f} MB"
+        end = time.monotonic() + 10
+        while (after := proc_memory_mb(proc.pid)["VmRSS"]) > 1.25 * idle and time.monotonic() < end:
+            time.sleep(0.2)
+        print(f"RSS after the burst {after:.0f} MB")
+        assert after <= 1.25 * idle, f"RSS after the burst {after:.0f} MB, idle {idle:.0f} MB"
         good_queries_answer(port, paths)
         assert proc.poll() is None
     assert "Traceback" not in (tmp_path / "server.log").read_text()
