@@ -168,6 +168,19 @@ def test_decode_checks_pixels_from_the_header_before_decoding(monkeypatch):
     assert e.value.status == 413 and "101x100" in e.value.message and gate.peak["running"] == 0
 
 
+def test_transparent_images_count_more_of_the_budget():
+    lim = Limits(max_pixels=10_000, pixel_budget=22_000, upload_slots=2)
+    for mode, cost in (("RGB", 10_000), ("L", 10_000), ("RGBA", 22_000), ("LA", 22_000)):  # 25,000, capped
+        gate = UploadGate(lim)
+        decode_upload(png((100, 100), mode), lim, gate)
+        assert gate.peak["pixels"] == cost, mode
+    gate = UploadGate(lim)
+    buf = io.BytesIO()
+    Image.new("P", (80, 50)).save(buf, format="PNG", transparency=0)
+    decode_upload(buf.getvalue(), lim, gate)
+    assert gate.peak["pixels"] == 10_000 and gate.pixels == 0
+
+
 def test_failed_decodes_leave_the_gate_free(monkeypatch):
     gate = UploadGate(Limits(upload_slots=1, upload_wait_s=0.5))
     good = png()
