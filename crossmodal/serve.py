@@ -22,21 +22,31 @@ a one-line JSON ``{"error": ...}`` and the server keeps serving.
 """
 
 import argparse
-import io
 import json
 import logging
 import os
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cli import run_script, setup_logging
+from .cli import (
+    has_visible_text,
+    int_in_range,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_script,
+    setup_logging,
+)
 from .errors import DataError, FeatureError, ModelError
+from .serve_uploads import Limits, QueryError, UploadGate, decode_upload, read_upload
+
+__all__ = ["Gallery", "Limits", "QueryError", "Searcher", "caption_key", "create_app", "decode_upload", "main",
+           "resolve_run", "set_threads"]
 
 log = logging.getLogger("crossmodal.serve")  # the same name under python -m
 
@@ -44,25 +54,6 @@ STATIC_DIR = Path(__file__).with_name("static")
 _THREADS = {"n": None}  # set_threads(): threads per query, applied in every worker thread
 _local = threading.local()
 CACHE_DIRNAME = "serve_cache"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on every request."""
-
-    max_text_chars: int = 500
-    max_k: int = 100
-    max_upload_bytes: int = 10 * 2**20
-    max_pixels: int = 40_000_000  # decoded width x height; PIL's own bomb check comes on top
-    thumb_size: int = 256
-
-
-class QueryError(Exception):
-    """A bad request: becomes HTTP ``status`` with a one-line JSON message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass
@@ -150,21 +141,22 @@ class Searcher:
     """A run's heads, encoders, embeddings and indexes, loaded and checked once; thread-safe queries."""
 
     def __init__(self, run_dir: Path, split_name: str, gallery: Gallery, img_head, txt_head, text_encoder,
-                 image_encoder, info: dict, limits: Limits = Limits(), cache_dir: Path | None = None):
+                 image_encoder, info: dict, limits: Limits | None = None, cache_dir: Path | None = None):
         self.run_dir, self.split_name, self.gallery = Path(run_dir), split_name, gallery
         self.img_head, self.txt_head = img_head, txt_head
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
-        self.info, self.limits = info, limits
+        self.info, self.limits = info, limits or Limits()
         self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / CACHE_DIRNAME
         # one call per encoder at a time (a fast tokenizer is not re-entrant); a text and an image
         # query may run at once, each on its own core (see set_threads)
         self._text_lock, self._image_lock = threading.Lock(), threading.Lock()
+        self.uploads = UploadGate(self.limits)  # decode slots, pixel budget, queue (serve_uploads)
 
     # --- loading ---------------------------------------------------------------------
 
     @classmethod
     def from_run(cls, run: str | Path, split: str, coco_root: str | Path, karpathy_file: str | None = None,
-                 detector_weights: str | None = None, limits: Limits = Limits(), cache_dir: str | None = None):
+                 detector_weights: str | None = None, limits: Limits | None = None, cache_dir: str | None = None):
         """Load and cross-check everything; raises the project's errors (one line each) on a misfit."""
         from .coco import load_split
         from .embed import embedding_paths, load_embeddings
@@ -254,10 +246,7 @@ class Searcher:
                 f"captions, index {i['index']} ({i['dim']}-d)")
 
     def public_info(self) -> dict:
-        lim = self.limits
-        return {**{k: v for k, v in self.info.items() if k != "run_dir"},
-                "limits": {"max_text_chars": lim.max_text_chars, "max_k": lim.max_k,
-                           "max_upload_bytes": lim.max_upload_bytes, "max_pixels": lim.max_pixels}}
+        return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public()}
 
     # --- queries -----------------------------------------------------------------------
 
@@ -272,8 +261,8 @@ class Searcher:
         t0 = time.perf_counter()
         self.check_k(k)
         text = " ".join((text or "").split())
-        if not text:
-            raise QueryError(422, "the query text is blank")
+        if not has_visible_text(text):
+            raise QueryError(422, "the query text is blank (no visible character): type some words")
         if len(text) > self.limits.max_text_chars:
             raise QueryError(413, f"the query text has {len(text)} characters; the limit is "
                                   f"{self.limits.max_text_chars}")
@@ -311,9 +300,10 @@ class Searcher:
 
         t0 = time.perf_counter()
         self.check_k(k)
-        image = decode_upload(data, self.limits)
+        # decoded and preprocessed in a decode slot; only the small input tensor leaves it
+        x, (width, height) = decode_upload(data, self.limits, self.uploads,
+                                           prepare=lambda im: (self.image_encoder.preprocess(im), im.size))
         t1 = time.perf_counter()
-        x = self.image_encoder.preprocess(image)
         with self._image_lock:
             t2 = time.perf_counter()
             with torch.inference_mode():
@@ -323,7 +313,7 @@ class Searcher:
         caps = self._captions(q, k, true_image=None)
         images = self._images(q, k, set())
         t4 = time.perf_counter()
-        return {"query": {"type": "upload", "k": k, "width": image.width, "height": image.height,
+        return {"query": {"type": "upload", "k": k, "width": width, "height": height,
                           "bytes": len(data)},
                 "captions": caps, "images": images,
                 "ms": _ms(decode=t1 - t0, encode=t3 - t1, wait=t2 - t1, search=t4 - t3, total=t4 - t0)}
@@ -468,39 +458,6 @@ def _thumb_url(image_id: int) -> str:
     return f"/thumbs/{int(image_id)}.jpg"
 
 
-def decode_upload(data: bytes, limits: Limits = Limits()):
-    """Uploaded bytes -> PIL RGB image, or :class:`QueryError`: empty, too many bytes, not a
-    JPEG/PNG, too many pixels (decompression bombs), truncated or corrupt."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .coco import load_image
-
-    if not data:
-        raise QueryError(422, "the upload is empty")
-    if len(data) > limits.max_upload_bytes:
-        raise QueryError(413, f"the upload has {len(data)} bytes; the limit is {limits.max_upload_bytes}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=("JPEG", "PNG")) as im:  # reads the header only
-                w, h, fmt = im.width, im.height, im.format
-            if w * h > limits.max_pixels:
-                raise QueryError(413, f"the image is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels}")
-            image = load_image(io.BytesIO(data))  # full decode: truncated files fail here
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise QueryError(413, f"the image is too large to decode safely: {e}") from None
-        except UnidentifiedImageError:
-            raise QueryError(415, "the upload is not a JPEG or PNG image") from None
-        except DataError as e:
-            cause = str(e.__cause__ or e).splitlines()[0]
-            raise QueryError(422, f"the {fmt} image cannot be decoded (truncated or corrupt): {cause}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise QueryError(422, f"the image cannot be decoded (truncated or corrupt): {e}") from None
-    if image.width < 1 or image.height < 1:
-        raise QueryError(422, "the image is empty")
-    return image
-
-
 # --- the web app ---------------------------------------------------------------------------
 
 
@@ -524,7 +481,10 @@ def create_app(searcher: Searcher):
 
     @app.exception_handler(QueryError)
     async def _query_error(request, exc: QueryError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.status == 503:  # busy: the upload slots and their queue are full
+            response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -560,8 +520,9 @@ def create_app(searcher: Searcher):
     @app.post("/api/upload")
     async def upload_query(request: Request, k: int = k_query):
         searcher.check_k(k)
-        data = await read_upload(request, lim)
-        return await run_in_threadpool(searcher.upload_query, data, k)
+        with searcher.uploads.admit():  # 503 at once past slots + queue, before the body is read
+            data = await read_upload(request, lim)
+            return await run_in_threadpool(searcher.upload_query, data, k)
 
     @app.get("/thumbs/{image_id}.jpg")
     def thumb(image_id: int):
@@ -584,43 +545,15 @@ def create_app(searcher: Searcher):
     return app
 
 
-async def read_upload(request, limits: Limits) -> bytes:
-    """The uploaded image's bytes: a multipart form (field ``file``) or the raw request body.
-    Never reads more than the byte limit (plus room for the form's headers)."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    cap = limits.max_upload_bytes + 64 * 1024
-    too_big = QueryError(413, f"the upload is larger than the limit of {limits.max_upload_bytes} bytes")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > cap:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise too_big
-    ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
-        return bytes(body)
-
-    async def one_chunk():
-        yield bytes(body)
-
-    try:
-        form = await MultiPartParser(request.headers, one_chunk(), max_files=1, max_fields=4).parse()
-    except MultiPartException as e:
-        raise QueryError(422, f"bad multipart upload: {e.message}") from None
-    file = form.get("file")
-    if not isinstance(file, UploadFile):
-        raise QueryError(422, "the multipart upload has no file field named 'file'")
-    try:
-        return await file.read()
-    finally:
-        await form.close()
-
-
 # --- command line --------------------------------------------------------------------------
+
+
+def upload_mb(text: str) -> float:
+    """A finite number of MB > 0 that is at least one byte and at most 1 TB."""
+    v = positive_float(text)
+    if not 2**-20 <= v <= 2**20:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: give a number of MB from 0.000001 to 1048576")
+    return v
 
 
 def parser() -> argparse.ArgumentParser:
@@ -631,12 +564,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-root", required=True, help="the COCO folder the split's images and captions are in")
     p.add_argument("--karpathy-file", default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="port (0: any free one)")
     p.add_argument("--detector-weights", default=None, help="fasterrcnn runs: the weights file the features used")
     p.add_argument("--cache-dir", default=None, help=f"thumbnail cache (default <run>/{CACHE_DIRNAME})")
-    p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20)
-    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--max-upload-mb", type=upload_mb, default=Limits.max_upload_bytes / 2**20,
+                   help="largest upload in MB (default %(default)g)")
+    p.add_argument("--max-pixels", type=positive_int, default=Limits.max_pixels,
+                   help="largest upload in decoded pixels, width x height (default %(default)d)")
+    p.add_argument("--upload-slots", type=positive_int, default=None,
+                   help="uploads decoded at once (default: the cores this process may use, at most 8)")
+    p.add_argument("--upload-queue", type=non_negative_int, default=None,
+                   help="uploads that may wait for a slot; more get 503 at once (default 4 x slots)")
+    p.add_argument("--pixel-budget", type=positive_int, default=None,
+                   help="pixels of all uploads decoded at once, >= --max-pixels (default max-pixels x min(slots, 2))")
+    p.add_argument("--max-connections", type=positive_int, default=100,
+                   help="open connections; more get 503 from uvicorn (default %(default)d)")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch/Faiss threads per query (default 1: robust on busy cores, concurrent queries "
                         "use the others; BENCHMARKS.md)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -644,14 +587,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv=None) -> None:
-    a = parser().parse_args(argv)
-    if not 0 <= a.port < 65536:
-        raise DataError(f"--port {a.port}: must be in 0..65535 (0: any free port)")
-    if a.max_upload_mb <= 0 or a.max_pixels <= 0 or (a.threads is not None and a.threads <= 0):
-        raise DataError("--max-upload-mb, --max-pixels and --threads must be positive")
+    p = parser()
+    a = p.parse_args(argv)
+    if a.pixel_budget is not None and a.pixel_budget < a.max_pixels:
+        p.error(f"argument --pixel-budget: {a.pixel_budget} is below --max-pixels {a.max_pixels}: the largest "
+                "allowed upload could never be decoded")
     setup_logging(a.verbose)
     set_threads(a.threads)
-    limits = Limits(max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels)
+    limits = Limits(max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
+                    upload_slots=a.upload_slots, upload_queue=a.upload_queue, pixel_budget=a.pixel_budget)
+    log.info("uploads: %d decoded at once, %d more may wait, %d pixels in flight at most", limits.upload_slots,
+             limits.upload_queue, limits.pixel_budget)
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, a.karpathy_file, a.detector_weights, limits,
                                  a.cache_dir)
     if searcher.info["chosen"] != "given":
@@ -662,7 +608,8 @@ def run(argv=None) -> None:
     import uvicorn
 
     log.info("open http://%s:%d/ (Ctrl-C stops)", a.host, a.port)
-    uvicorn.run(create_app(searcher), host=a.host, port=a.port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(searcher), host=a.host, port=a.port, log_level="warning", access_log=False,
+                limit_concurrency=a.max_connections)
 
 
 def main(argv=None) -> None:
