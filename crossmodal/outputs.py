@@ -76,15 +76,17 @@ def file_record(path: str | Path) -> dict:
     return {"sha256": file_digest(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def matches_record(path: str | Path, record: dict) -> bool:
-    """True when ``path`` holds the bytes ``record`` describes (re-hashed only when its stat moved)."""
+def matches_record(path: str | Path, record: dict, full: bool = False) -> bool:
+    """True when ``path`` holds the bytes ``record`` describes. Re-hashed only when its stat moved,
+    unless ``full``: a file rewritten in place with its size and mtime kept passes the stat cache;
+    feature arrays, which every later stage trusts, are always hashed in full (about 1 s per GB)."""
     try:
         st = os.stat(path)
     except OSError:
         return False
     if not isinstance(record, dict) or st.st_size != record.get("size"):
         return False
-    if st.st_mtime_ns == record.get("mtime_ns"):
+    if st.st_mtime_ns == record.get("mtime_ns") and not full:
         return True
     return file_digest(path) == record.get("sha256")
 
@@ -98,9 +100,67 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (/proc), or None when it is gone:
+    with the pid it identifies one process, so a reused pid is never taken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _holder_line() -> str:
     cmd = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
-    return f"pid {os.getpid()} ({cmd}) since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    return f"pid {os.getpid()} ({cmd}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\nstart {_proc_start(os.getpid())}"
+
+
+def _kernel_holders(f) -> list[int]:
+    """Pids the kernel lists (/proc/locks) as holding a lock on the open file ``f``; [] if unknown."""
+    st = os.fstat(f.fileno())
+    dev_ino, ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}", f":{st.st_ino}"
+    exact, by_inode = [], []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if "->" in parts or "FLOCK" not in parts:  # "->": a waiter, not a holder
+                continue
+            k = parts.index("FLOCK")
+            if len(parts) > k + 4 and parts[k + 3].isdigit():
+                pid, where = int(parts[k + 3]), parts[k + 4]
+                (exact if where == dev_ino else by_inode if where.endswith(ino) else []).append(pid)
+    return sorted(set(exact or by_inode))
+
+
+def _describe(pid: int, recorded: str) -> str | None:
+    """``pid N (command) since T`` for a live process; the writer's recorded line when it is that process."""
+    start = _proc_start(pid)
+    if start is None:
+        return None
+    lines = recorded.splitlines()
+    if len(lines) >= 2 and lines[0].startswith(f"pid {pid} ") and lines[1] == f"start {start}":
+        return lines[0]
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = "?"
+    return f"pid {pid} ({cmd[:200]})"
+
+
+def _holder(f) -> str:
+    """Who holds the lock on ``f`` now: only live processes are named, never a dead or reused pid."""
+    f.seek(0)
+    recorded = f.read()
+    pids = _kernel_holders(f)
+    if not pids:  # no kernel listing: trust the recorded writer only if it is still that process
+        m = recorded.split(" ", 2)
+        pids = [int(m[1])] if len(m) > 2 and m[0] == "pid" and m[1].isdigit() else []
+    named = [d for d in (_describe(p, recorded) for p in pids) if d]
+    if not named:
+        return "another process"
+    return ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+
+
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @contextlib.contextmanager
@@ -108,21 +168,33 @@ def locked(path: str | Path, shared: bool = False, what: str | None = None):
     """Hold ``path``'s lock (exclusive for a writer, shared for a reader) for the ``with`` block.
 
     Never waits: when another process holds it in a conflicting mode, raises
-    :class:`OutputBusyError` naming the output and, for a writer, who holds it.
+    :class:`OutputBusyError` naming the output and the live processes that hold it (from the
+    kernel's lock table; a writer's own line when it is still that process). A reader on storage
+    it cannot write (read-only mount, another user's folder) locks an existing lock file through
+    a read-only handle, or proceeds without one when there is none (logged at debug level).
     """
     lp = lock_path(path)
-    lp.parent.mkdir(parents=True, exist_ok=True)
-    f = open(lp, "a+")  # noqa: SIM115 (held for the block)
+    try:
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lp, "a+")  # noqa: SIM115 (held for the block)
+    except OSError as e:
+        if not shared or e.errno not in _READ_ONLY:
+            raise
+        try:
+            f = open(lp)  # noqa: SIM115 (held for the block)
+        except OSError:
+            log.debug("%s is on storage this process cannot write (%s): read without a lock file", path,
+                      os.strerror(e.errno))
+            yield
+            return
     try:
         try:
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
             verb = "read" if shared else "written"
             raise OutputBusyError(
-                f"{what or path} is in use by {holder}; it cannot be {verb} now (wait for that job, or stop it: "
-                "its finished work is kept and a rerun resumes)") from None
+                f"{what or path} is in use by {_holder(f)}; it cannot be {verb} now (wait for that job, or stop "
+                "it: its finished work is kept and a rerun resumes)") from None
         if not shared:
             f.seek(0)
             f.truncate()
@@ -294,8 +366,9 @@ def read_sidecar(sidecar: str | Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def verify_files(sidecar: str | Path, meta: dict) -> str | None:
-    """None when every file the sidecar vouches for is intact; else why not (one phrase)."""
+def verify_files(sidecar: str | Path, meta: dict, full: bool = False) -> str | None:
+    """None when every file the sidecar vouches for is intact; else why not (one phrase).
+    ``full``: hash every file, never trusting its size and mtime (:func:`matches_record`)."""
     records = meta.get("files")
     if not isinstance(records, dict) or not records:
         return "its sidecar records no file digests (an older or foreign file)"
@@ -303,7 +376,7 @@ def verify_files(sidecar: str | Path, meta: dict) -> str | None:
         p = Path(sidecar).parent / name
         if not p.is_file():
             return f"{p} is missing"
-        if not matches_record(p, rec):
+        if not matches_record(p, rec, full):
             return f"{p} does not match the digest in its sidecar (interrupted write, or changed since)"
     return None
 
@@ -322,20 +395,21 @@ def diff(old, new, prefix: str = "") -> list[str]:
 
 
 def check(sidecar: str | Path, job: dict, force: bool = False, what: str | None = None,
-          rebuild_on: tuple[str, ...] = ()) -> bool:
+          rebuild_on: tuple[str, ...] = (), full: bool = False) -> bool:
     """Decide whether the output behind ``sidecar`` must be (re)made for ``job``.
 
     Returns True when it is finished, intact and made by exactly ``job`` (the caller skips the
     work), False when it is absent, incomplete or corrupt (logged), or ``force`` is given.
     Raises :class:`OutputConflictError` when a finished, intact output was made by another job,
     naming the differences, unless every difference lies under a key in ``rebuild_on`` (inputs
-    that changed upstream: the output is stale and is rebuilt, logged).
+    that changed upstream: the output is stale and is rebuilt, logged). ``full``: verify the
+    files by their whole digest (:func:`matches_record`).
     """
     what = what or str(sidecar)
     meta = read_sidecar(sidecar)
     if meta is None:
         return False
-    problem = verify_files(sidecar, meta)
+    problem = verify_files(sidecar, meta, full)
     if problem:
         log.warning("%s is not a finished output (%s): it will be made again", what, problem)
         return False
