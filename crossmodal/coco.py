@@ -245,7 +245,8 @@ def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
                 f"{'null' if text is None else type(text).__name__} {text!r:.40})")
             continue
         if not has_visible_text(text):
-            bad("empty captions", cid, f"caption {cid} of image {iid} is empty (no visible character: {text!r:.40})")
+            why = "is empty" if not text.strip() else f"has no visible character ({text!r:.40})"
+            bad("empty captions", cid, f"caption {cid} of image {iid} {why}")
             continue
         kept.append((cid, iid, " ".join(text.split())))
     with_caps = {iid for _, iid, _ in kept}
