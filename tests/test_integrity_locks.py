@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from crossmodal import outputs
+from crossmodal import locks as outputs
 from crossmodal.outputs import OutputBusyError, lock_path, locked
 from crossmodal.store import load_features, save_features
 
@@ -101,7 +101,7 @@ def test_readers_on_read_only_storage_need_no_lock_file(tmp_path, monkeypatch, c
     npy = tmp_path / "x.npy"
     save_features(npy, np.ones((2, 3)), {"ids": [1, 2]})
     _read_only_open(monkeypatch, code)
-    caplog.set_level("DEBUG", logger="crossmodal.outputs")
+    caplog.set_level("DEBUG", logger="crossmodal.locks")
     with locked(npy, shared=True):
         arr, _ = load_features(npy)
     assert arr.shape == (2, 3) and not lock_path(npy).exists()
