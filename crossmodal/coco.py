@@ -97,6 +97,8 @@ def parse_split(split: str) -> tuple[str, slice]:
     m = _SLICE_RE.match(split)
     if not m:
         raise DataError(f"bad split name {split!r}: expected NAME or NAME[start:stop]")
+    if any(c in m["base"] for c in "/\\\0") or m["base"].strip(".") == "":
+        raise DataError(f"bad split name {split!r}: a split is a name (train2017, val), not a path")
     to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
     return m["base"], slice(to_int(m["start"]), to_int(m["stop"]))
 
@@ -182,11 +184,11 @@ def _duplicates(ids, what: str, source) -> None:
 
 def _coco_id(value, what: str, source) -> int:
     """A COCO id: a JSON integer (or a string of digits); anything else is refused, naming the file."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise DataError(f"{source}: {what} {value!r} is not an integer id")
+    raise DataError(f"{source}: {what} {value!r:.40} is not an integer id (0 to 2^63-1)")
 
 
 def _read_karpathy(root: Path, base: str, path: Path):

@@ -189,7 +189,9 @@ def generate_demo_dataset(
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / name, out / name)
         remove(tmp)
-        stale = [n for n in (old or {}).get("files", {}) if n not in names and ".." not in n]
+        recorded = (old or {}).get("files") if isinstance((old or {}).get("files"), dict) else {}
+        stale = [n for n in recorded if n not in names and n.split("/")[0] in ("train", "val", "annotations")
+                 and ".." not in n.split("/")]  # only files a demo dataset can have
         remove(*(out / n for n in stale))  # files of the replaced version that this one lacks
         records = {n: file_record(out / n) for n in names}
         meta = {"params": params, "splits": splits, "bytes": sum(r["size"] for r in records.values()),

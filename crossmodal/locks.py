@@ -96,6 +96,19 @@ def _holder(f) -> str:
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def _open_lock(lp: Path, flags: int):
+    """The lock file, never through a symbolic link (a planted link would have a writer truncate
+    the file it points to): a link is refused with one line."""
+    try:
+        fd = os.open(lp, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CrossmodalError(f"lock file {lp} is a symbolic link: remove it (lock files are plain, empty "
+                                  "markers)") from None
+        raise
+    return os.fdopen(fd, "r+" if flags & os.O_RDWR else "r", encoding="utf-8", errors="replace")
+
+
 @contextlib.contextmanager
 def locked(path: str | Path, shared: bool = False, what: str | None = None):
     """Hold ``path``'s lock (exclusive for a writer, shared for a reader) for the ``with`` block.
@@ -109,12 +122,12 @@ def locked(path: str | Path, shared: bool = False, what: str | None = None):
     lp = lock_path(path)
     try:
         lp.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lp, "a+")  # noqa: SIM115 (held for the block)
+        f = _open_lock(lp, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         if not shared or e.errno not in _READ_ONLY:
             raise
         try:
-            f = open(lp)  # noqa: SIM115 (held for the block)
+            f = _open_lock(lp, os.O_RDONLY)
         except OSError:
             log.debug("%s is on storage this process cannot write (%s): read without a lock file", path,
                       os.strerror(e.errno))

@@ -245,6 +245,8 @@ class ResumableWriter:
                     why = f"its progress record says {state['done']} rows done"
                 elif [c[:2] for c in state["chunks"]] != _spans(state["chunks"], int(state["done"])):
                     why = "its progress record does not list the digests of its chunks"
+                elif not all(isinstance(r, int) and 0 <= r < int(state["done"]) for r in state["skipped"]):
+                    why = "its progress record lists skipped rows outside the rows done"
                 else:
                     self.array = arr
                     self._keep_verified(state)

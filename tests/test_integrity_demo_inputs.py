@@ -140,3 +140,28 @@ def test_torchrun_environment_error_exits_2_from_the_script(small_root, tmp_path
 
 def test_killed_is_not_an_exception():
     assert not issubclass(Killed, Exception)
+
+
+def test_a_tampered_demo_record_cannot_delete_files_outside_the_dataset(tmp_path):
+    out = tmp_path / "demo"
+    generate_demo_dataset(out, num_train=2, num_val=1, seed=0, image_size=32)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("x")
+    meta = json.loads((out / "demo_meta.json").read_text())
+    meta["files"].update({str(victim): {}, "../precious.txt": {}, "train/../../precious.txt": {}})
+    (out / "demo_meta.json").write_text(json.dumps(meta))
+    generate_demo_dataset(out, num_train=2, num_val=1, seed=0, image_size=32)
+    assert victim.exists()
+
+
+@pytest.mark.parametrize("value", [2**70, -3, "1e3", True, "١٢"])
+def test_image_ids_out_of_range_are_one_line(tmp_path, value):
+    root = _coco(tmp_path, [{"id": value, "file_name": "a.jpg"}], [{"id": 1, "image_id": 7, "caption": "a cat"}])
+    with pytest.raises(DataError, match="is not an integer id"):
+        load_split(root, "s")
+
+
+@pytest.mark.parametrize("split", ["../x", "a/b", "..", ".", "x\\y"])
+def test_split_names_are_names_not_paths(tmp_path, split):
+    with pytest.raises(DataError, match="not a path"):
+        load_split(tmp_path, split)

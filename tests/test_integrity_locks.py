@@ -86,14 +86,16 @@ def test_no_holder_known_says_another_process(tmp_path, monkeypatch):
 
 
 def _read_only_open(monkeypatch, code):
-    real = open
+    """As on a read-only mount (EROFS) or another user's folder (EACCES): a lock file cannot be
+    created or opened for writing; an existing one can still be opened to read."""
+    real = os.open
 
-    def fake(file, mode="r", *a, **kw):
-        if str(file).endswith(".lock") and mode != "r":
-            raise OSError(code, os.strerror(code), str(file))
-        return real(file, mode, *a, **kw)
+    def fake(path, flags, *a, **kw):
+        if str(path).endswith(".lock") and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, flags, *a, **kw)
 
-    monkeypatch.setattr("builtins.open", fake)
+    monkeypatch.setattr(os, "open", fake)
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
@@ -127,3 +129,24 @@ def test_lock_holder_line_records_the_process_start(tmp_path):
         first, second = lock_path(out).read_text().splitlines()
     assert first.startswith(f"pid {os.getpid()} ") and second == f"start {outputs._proc_start(os.getpid())}"
     assert outputs._proc_start(999999) is None and time.time()
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_not_followed(tmp_path):
+    from crossmodal.errors import CrossmodalError
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "x.npy"
+    lock_path(out).symlink_to(victim)
+    for shared in (False, True):
+        with pytest.raises(CrossmodalError, match=r"x.npy.lock is a symbolic link"), locked(out, shared=shared):
+            pass
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_lock_file_of_binary_garbage_still_gives_one_line(tmp_path):
+    out = tmp_path / "x.npy"
+    lock_path(out).write_bytes(b"\xff\xfe\x00garbage\x80")
+    with locked(out, shared=True):
+        line = _busy_line(out)
+    assert f"pid {os.getpid()} " in line

@@ -156,3 +156,23 @@ def test_non_finite_rows_are_never_published(small_root, tmp_path, monkeypatch):
     with pytest.raises(FeatureError, match=r"i.npy: row 0 \(id \d+\) holds NaN or infinite values"):
         extract_images(split, TinyImages(), npy, progress=False)
     assert not npy.exists() and not npy.with_suffix(".json").exists()
+
+
+def test_progress_record_with_skipped_rows_out_of_range_is_discarded(small_root, tmp_path, monkeypatch, caplog):
+    from crossmodal.store import ResumableWriter
+
+    split = load_split(small_root, "val")
+    extract_images(split, TinyImages(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
+    npy = tmp_path / "run" / "i.npy"
+    _killed_after_chunks(split, npy, monkeypatch, 2)
+    prog = tmp_path / "run" / "i.progress.json"
+    state = json.loads(prog.read_text())
+    for skipped in ([-1], [999], ["3"], [8]):  # -1 would silently drop the last image; row 8 is not done yet
+        prog.write_text(json.dumps({**state, "skipped": skipped}))
+        caplog.clear()
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(ResumableWriter, "write", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            extract_images(split, TinyImages(), npy, batch_size=4, progress=False)
+        assert "discarding the partial output" in caplog.text, skipped
+    extract_images(split, TinyImages(), npy, batch_size=4, progress=False)
+    _same_output(npy, tmp_path / "ref" / "i.npy")
