@@ -175,10 +175,12 @@ def generate_demo_dataset(
     meta_file = out / "demo_meta.json"
     with locked(meta_file, what=f"demo dataset {out}"):
         old = read_sidecar(meta_file)
-        if old and old.get("params") == params and verify_files(meta_file, old, full=True) is None:
+        if old and old.get("params") == params and verify_files(meta_file, old, full=True) is None \
+                and _made_with(old, params):
             return old
         if old:
-            why = "other settings" if old.get("params") != params else verify_files(meta_file, old, full=True)
+            why = "other settings" if old.get("params") != params else (
+                verify_files(meta_file, old, full=True) or "its files are not the ones its settings make")
             log.info("regenerating the demo dataset in %s (%s)", out, why)
         remove(meta_file)  # from here on the folder is not a finished dataset until the record is back
         tmp = out / ".demo.tmp"
@@ -198,6 +200,23 @@ def generate_demo_dataset(
                 "files": records}
         write_json(meta_file, meta)
     return meta
+
+
+def _made_with(meta: dict, params: dict) -> bool:
+    """Whether the files a record vouches for are those ``params`` make (not only what it claims):
+    one image per split rendered again must have the recorded digest, and the counts must match."""
+    import hashlib
+    import io
+
+    files = meta.get("files", {})
+    for split, n, offset in (("train", params["num_train"], 1), ("val", params["num_val"], 1_000_001)):
+        if sum(k.startswith(f"{split}/") for k in files) != n:
+            return False
+        buf = io.BytesIO()
+        _scene(random.Random(f"{params['seed']}-{split}-0"), params["image_size"])[0].save(buf, "JPEG", quality=90)
+        if files.get(f"{split}/{offset:012d}.jpg", {}).get("sha256") != hashlib.sha256(buf.getvalue()).hexdigest()[:16]:
+            return False
+    return True
 
 
 def _write_splits(out: Path, num_train: int, num_val: int, seed: int, image_size: int) -> dict:

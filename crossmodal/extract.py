@@ -61,15 +61,16 @@ def shard_path(npy: Path, shard: int, num_shards: int) -> Path:
 
 
 def data_digest(kind: str, split: CaptionSplit, start: int, stop: int) -> str:
-    """Digest of what rows [start, stop) are made from: each image file's id, size and modification
-    time (``img``; a missing file counts too), or each caption's id and text (``text``). Changed
+    """Digest of what rows [start, stop) are made from: each image file's id, size, modification
+    and status-change time (``img``, as git's stat cache: a rewrite that restores the mtime still
+    moves the ctime; a missing file counts too), or each caption's id and text (``text``). Changed
     data changes the job, so features are never reused for other data."""
     h = hashlib.sha256()
     if kind == "img":
         for i in range(start, stop):
             try:
                 st = os.stat(split.image_path(i))
-                h.update(f"{split.image_ids[i]}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+                h.update(f"{split.image_ids[i]}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
             except OSError:
                 h.update(f"{split.image_ids[i]}:missing\n".encode())
     else:

@@ -108,6 +108,9 @@ def rows_digest(meta: dict) -> str:
 def _check_rows(npy: Path, meta: dict) -> None:
     """Refuse id lists that are not the ones the array was published with (reordered, edited)."""
     job = meta.get("job") if isinstance(meta.get("job"), dict) else {}
+    for key in ("ids", "image_ids"):
+        if key in meta and not all(type(i) is int for i in meta[key]):
+            raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers; re-run its stage")
     bad = "rows_sha256" in meta and meta["rows_sha256"] != rows_digest(meta)
     if not bad and isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids"):
         bad = job["ids"] != ids_digest(meta["ids"])  # older sidecars: the job's digest of its ids

@@ -165,3 +165,13 @@ def test_image_ids_out_of_range_are_one_line(tmp_path, value):
 def test_split_names_are_names_not_paths(tmp_path, split):
     with pytest.raises(DataError, match="not a path"):
         load_split(tmp_path, split)
+
+
+def test_a_demo_record_that_claims_other_settings_is_not_believed(tmp_path):
+    out = tmp_path / "demo"
+    generate_demo_dataset(out, num_train=3, num_val=2, seed=0, image_size=32)
+    meta = json.loads((out / "demo_meta.json").read_text())
+    meta["params"]["image_size"] = 48  # the files are still 32 px
+    (out / "demo_meta.json").write_text(json.dumps(meta))
+    generate_demo_dataset(out, num_train=3, num_val=2, seed=0, image_size=48)
+    assert _sizes(out) == {(48, 48)}

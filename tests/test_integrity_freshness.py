@@ -169,3 +169,29 @@ def test_fasttext_model_retrained_when_training_captions_change(small_root, tmp_
     train_fasttext(load_split(root, "train"), tmp_path / "f", dim=8, epoch=1, bucket=500)
     again = json.loads(fasttext_model_path(tmp_path / "f", "train").with_suffix(".json").read_text())["job"]
     assert again["texts"] != first["texts"] and "is stale (texts:" in caplog.text
+
+
+def test_image_rewritten_with_its_size_and_mtime_restored_is_still_redone(small_root, tmp_path):
+    root = copy_root(small_root, tmp_path / "coco")
+    npy = tmp_path / "f" / "i.npy"
+    split = load_split(root, "val")
+    before = extract_images(split, TinyImages(), npy, progress=False)
+    p = split.image_path(4)
+    st, data = os.stat(p), bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other pixels
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # the change time cannot be restored
+    after = extract_images(load_split(root, "val"), TinyImages(), npy, progress=False)
+    assert after["job"]["data"] != before["job"]["data"]
+
+
+def test_sidecar_ids_that_are_not_integers_are_refused(tmp_path):
+    npy = tmp_path / "x.npy"
+    save_features(npy, np.ones((2, 2)), {"ids": [1, 2]})
+    side = npy.with_suffix(".json")
+    for ids in (["1", "2"], [1.0, 2.0], [True, 2]):
+        meta = json.loads(side.read_text())
+        meta["ids"] = ids
+        side.write_text(json.dumps(meta))
+        with pytest.raises(FeatureError, match="lists ids that are not integers"):
+            load_features(npy)
