@@ -26,7 +26,7 @@ from .coco import CaptionSplit, load_image
 from .errors import DataError, FeatureError
 from .outputs import check, locked
 from .perf import keep_freed_memory
-from .store import ResumableWriter, ids_digest, load_features, read_meta, save_features, sidecar_path
+from .store import ResumableWriter, check_finite, ids_digest, load_features, read_meta, save_features, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -287,4 +287,6 @@ def merge_shards(npy: Path, num_shards: int, split: CaptionSplit, kind: str, for
             meta["image_ids"] = [i for m in metas for i in m["image_ids"]]
         meta["job"] = job
         meta["merged_from"] = num_shards
-        return save_features(npy, np.concatenate(arrays), meta)
+        merged = np.concatenate(arrays)
+        check_finite(merged, meta["ids"], f"feature file {npy}")
+        return save_features(npy, merged, meta)

@@ -84,7 +84,6 @@ def save_features(npy: str | Path, array: np.ndarray, meta: dict) -> dict:
     npy.parent.mkdir(parents=True, exist_ok=True)
     array = np.ascontiguousarray(array, dtype=np.float32)
     meta = _complete_meta(meta, array.shape)
-    check_finite(array, meta["ids"], f"feature file {npy}")
     tmp = tmp_path(npy)
     save_npy(tmp, array)
     return publish(sidecar_path(npy), meta, {npy: tmp})
@@ -292,6 +291,7 @@ class ResumableWriter:
         """Publish the final file. ``ids`` (n_rows,) (and ``image_ids``) are per row, before skips."""
         if self.done != self.n_rows:
             raise RuntimeError(f"finish() after {self.done} of {self.n_rows} rows")
+        check_finite(self.array, np.asarray(ids), f"feature file {self.npy}")  # once, at publication
         keep = np.ones(self.n_rows, bool)
         keep[self.skipped] = False
         meta = dict(meta, job=self.job, ids=np.asarray(ids)[keep].tolist())
@@ -300,7 +300,6 @@ class ResumableWriter:
         meta["skipped_ids"] = np.asarray(ids)[~keep].tolist()
         if keep.all():
             meta = _complete_meta(meta, self.array.shape)
-            check_finite(self.array, meta["ids"], f"feature file {self.npy}")
             del self.array
             meta = publish(sidecar_path(self.npy), meta, {self.npy: self.partial})
         else:

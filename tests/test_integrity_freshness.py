@@ -133,12 +133,18 @@ def test_feature_file_rewritten_with_size_and_mtime_kept_is_refused_and_redone(s
     assert "not a finished output" in caplog.text and npy.read_bytes() == ref
 
 
-def test_save_features_refuses_non_finite_rows(tmp_path):
-    arr = np.ones((3, 2), np.float32)
-    arr[1, 1] = np.inf
-    with pytest.raises(FeatureError, match=r"row 1 \(id 8\) holds NaN or infinite"):
-        save_features(tmp_path / "x.npy", arr, {"ids": [7, 8, 9]})
-    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.json").exists()
+def test_a_shard_merge_refuses_non_finite_rows(small_root, tmp_path):
+    split = load_split(small_root, "val")
+    npy = tmp_path / "i.npy"
+    for i in range(2):
+        extract_images(split, TinyImages(), npy, shard=(i, 2), progress=False)
+    shard = tmp_path / "i.shard1of2.npy"
+    arr, meta = load_features(shard, mmap=False)
+    arr[2, 1] = np.inf  # a shard made elsewhere, published consistently
+    save_features(shard, arr, {k: v for k, v in meta.items() if k != "files"})
+    with pytest.raises(FeatureError, match=r"i.npy: row 10 \(id \d+\) holds NaN or infinite values; not published"):
+        merge_shards(npy, 2, split, "img")
+    assert not npy.exists() and not npy.with_suffix(".json").exists()
 
 
 def test_stale_shard_is_not_merged(small_root, tmp_path):
