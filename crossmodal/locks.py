@@ -82,7 +82,7 @@ def _describe(pid: int, recorded: str) -> str | None:
 def _holder(f) -> str:
     """Who holds the lock on ``f`` now: only live processes are named, never a dead or reused pid."""
     f.seek(0)
-    recorded = f.read()
+    recorded = f.read(4096)  # a lock file is a one-line marker; never read a planted huge one whole
     pids = _kernel_holders(f)
     if not pids:  # no kernel listing: trust the recorded writer only if it is still that process
         m = recorded.split(" ", 2)
