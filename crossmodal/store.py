@@ -110,9 +110,11 @@ def _check_rows(npy: Path, meta: dict) -> None:
     for key in ("ids", "image_ids"):
         if key in meta and not all(type(i) is int for i in meta[key]):
             raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers; re-run its stage")
-    bad = "rows_sha256" in meta and meta["rows_sha256"] != rows_digest(meta)
-    if not bad and isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids"):
-        bad = job["ids"] != ids_digest(meta["ids"])  # older sidecars: the job's digest of its ids
+    if "rows_sha256" in meta:  # recorded at publication
+        bad = meta["rows_sha256"] != rows_digest(meta)
+    else:  # older sidecars: the job's digest of the ids it covers
+        bad = isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids") and \
+            job["ids"] != ids_digest(meta["ids"])
     if bad:
         raise FeatureError(f"the id lists in the sidecar of {npy} are not the ones its rows were made with (edited or "
                            "reordered): rows and ids would be mismatched; re-run the stage that makes it with --force")
