@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .cli import has_visible_text
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def parse_split(split: str) -> tuple[str, slice]:
     m = _SLICE_RE.match(split)
     if not m:
         raise DataError(f"bad split name {split!r}: expected NAME or NAME[start:stop]")
+    if any(c in m["base"] for c in "/\\\0") or m["base"].strip(".") == "":
+        raise DataError(f"bad split name {split!r}: a split is a name (train2017, val), not a path")
     to_int = lambda s: int(s) if s not in (None, "") else None  # noqa: E731
     return m["base"], slice(to_int(m["start"]), to_int(m["stop"]))
 
@@ -141,10 +144,11 @@ def _read_coco(root: Path, base: str):
         raise DataError(f"annotation file {ann_file} is not valid COCO json: {e}") from e
     except (KeyError, TypeError) as e:
         raise DataError(f"annotation file {ann_file} lacks a required field: {e}") from e
-    try:
-        images = [(_coco_id(im["id"], "image id", ann_file), str(im["file_name"])) for im in coco.imgs.values()]
+    try:  # pycocotools keys its dicts by id, merging duplicates: read the lists it was given
+        images = [(iid := _coco_id(im["id"], "image id", ann_file), _file_name(im["file_name"], iid, ann_file))
+                  for im in coco.dataset["images"]]
         anns = [(_coco_id(a["id"], "caption id", ann_file), _coco_id(a["image_id"], "image_id", ann_file),
-                 a["caption"]) for a in coco.anns.values()]
+                 a["caption"]) for a in coco.dataset["annotations"]]
     except KeyError as e:
         raise DataError(f"annotation file {ann_file}: an entry lacks the field {e}") from e
     except TypeError as e:
@@ -152,13 +156,39 @@ def _read_coco(root: Path, base: str):
     return images, anns, root / base, str(ann_file)
 
 
+def _file_name(value, image_id: int, source) -> str:
+    """An image's file name relative to its split folder: a non-empty string that stays inside it
+    (no absolute path, no ``..``), else a one-line :class:`DataError` naming the image."""
+    from pathlib import PurePosixPath
+
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise DataError(f"{source}: image {image_id} has file_name {value!r}, not a file name")
+    parts = PurePosixPath(value.replace("\\", "/")).parts
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value) or ".." in parts:
+        raise DataError(f"{source}: image {image_id} has file_name {value!r}, which points outside the image folder "
+                        "(file names must be relative, without '..')")
+    return value
+
+
+def _duplicates(ids, what: str, source) -> None:
+    """Refuse repeated ids (pycocotools would silently keep one of them), naming the first few."""
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    if dup:
+        raise DataError(f"{source}: duplicate {what} {', '.join(map(str, dup[:5]))}"
+                        f"{f' and {len(dup) - 5} more' if len(dup) > 5 else ''}: each must appear once")
+
+
 def _coco_id(value, what: str, source) -> int:
     """A COCO id: a JSON integer (or a string of digits); anything else is refused, naming the file."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    raise DataError(f"{source}: {what} {value!r} is not an integer id")
+    raise DataError(f"{source}: {what} {value!r:.40} is not an integer id (0 to 2^63-1)")
 
 
 def _read_karpathy(root: Path, base: str, path: Path):
@@ -175,7 +205,8 @@ def _read_karpathy(root: Path, base: str, path: Path):
             if im["split"] not in parts:
                 continue
             iid = _coco_id(im["cocoid"], "cocoid", path)
-            images.append((iid, f"{im['filepath']}/{im['filename']}"))
+            images.append((iid, _file_name(f"{_file_name(im['filepath'], iid, path)}/"
+                                           f"{_file_name(im['filename'], iid, path)}", iid, path)))
             anns += [(_coco_id(s["sentid"], "sentid", path), iid, s["raw"]) for s in im["sentences"]]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"Karpathy split file {path} is not valid json: {e}") from e
@@ -187,6 +218,8 @@ def _read_karpathy(root: Path, base: str, path: Path):
 def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
     if not images:
         raise DataError(f"split {name!r} in {source} has no images")
+    _duplicates([i for i, _ in images], "image ids", source)
+    _duplicates([c for c, _, _ in anns], "caption ids", source)
     images.sort()
     all_ids = {i for i, _ in images}
     images = images[sl]
@@ -209,8 +242,13 @@ def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
             if iid not in all_ids:
                 raise DataError(f"caption {cid} refers to image {iid}, which is not in {source}")
             continue  # belongs to an image outside the slice
-        if not isinstance(text, str) or not text.strip():
-            bad("empty captions", cid, f"caption {cid} of image {iid} is empty")
+        if not isinstance(text, str):
+            bad("captions that are not text", cid, f"caption {cid} of image {iid} is not a string (it is "
+                f"{'null' if text is None else type(text).__name__} {text!r:.40})")
+            continue
+        if not has_visible_text(text):
+            why = "is empty" if not text.strip() else f"has no visible character ({text!r:.40})"
+            bad("empty captions", cid, f"caption {cid} of image {iid} {why}")
             continue
         kept.append((cid, iid, " ".join(text.split())))
     with_caps = {iid for _, iid, _ in kept}

@@ -99,7 +99,7 @@ def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
     npy = feature_path(a.features_dir, a.split, kind, a.encoder)
     shard = resolve_shard(a.shard, a.num_shards)
     if a.merge:
-        meta = merge_shards(npy, shard[1], split.image_ids if kind == "img" else split.caption_ids, a.force)
+        meta = merge_shards(npy, shard[1], split, kind, a.force)
     else:
         meta = extract(a, split, npy, shard)
     log.info("%s features: %d x %d (%s) -> %s", kind, meta["count"], meta["dim"], meta["encoder"], npy)

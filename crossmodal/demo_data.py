@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -151,17 +157,70 @@ def generate_demo_dataset(
     seed: int = 0,
     image_size: int = 224,
 ) -> dict:
-    """Write the demo dataset under ``out``; skip when the same one is already there.
+    """Write the demo dataset under ``out``; skip when the same one is already there, intact.
 
-    Returns a summary dict: splits with their image and caption counts, bytes on disk.
+    Written through :mod:`crossmodal.outputs`: locked (``demo_meta.json.lock``), generated under
+    ``out/.demo.tmp``, then each file renamed into place and ``demo_meta.json`` written last with
+    every file's digest; a regeneration first removes that record, so a kill half-way is never
+    taken for a finished dataset. Returns a summary dict: params, splits with their image and
+    caption counts, bytes on disk.
     """
+    from .outputs import file_record, locked, read_sidecar, remove, verify_files, write_json
+
+    for name, value, lo in (("num_train", num_train, 1), ("num_val", num_val, 1), ("image_size", image_size, 16)):
+        if not isinstance(value, int) or value < lo:
+            raise DataError(f"demo dataset: {name} must be a whole number >= {lo}, not {value!r}")
     out = Path(out)
     params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "seed": seed, "image_size": image_size}
     meta_file = out / "demo_meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("params") == params:
-            return meta
+    with locked(meta_file, what=f"demo dataset {out}"):
+        old = read_sidecar(meta_file)
+        if old and old.get("params") == params and verify_files(meta_file, old, full=True) is None \
+                and _made_with(old, params):
+            return old
+        if old:
+            why = "other settings" if old.get("params") != params else (
+                verify_files(meta_file, old, full=True) or "its files are not the ones its settings make")
+            log.info("regenerating the demo dataset in %s (%s)", out, why)
+        remove(meta_file)  # from here on the folder is not a finished dataset until the record is back
+        tmp = out / ".demo.tmp"
+        remove(tmp)
+        splits = _write_splits(tmp, num_train, num_val, seed, image_size)
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, out / name)
+        remove(tmp)
+        recorded = (old or {}).get("files") if isinstance((old or {}).get("files"), dict) else {}
+        stale = [n for n in recorded if n not in names and n.split("/")[0] in ("train", "val", "annotations")
+                 and ".." not in n.split("/")]  # only files a demo dataset can have
+        remove(*(out / n for n in stale))  # files of the replaced version that this one lacks
+        records = {n: file_record(out / n) for n in names}
+        meta = {"params": params, "splits": splits, "bytes": sum(r["size"] for r in records.values()),
+                "files": records}
+        write_json(meta_file, meta)
+    return meta
+
+
+def _made_with(meta: dict, params: dict) -> bool:
+    """Whether the files a record vouches for are those ``params`` make (not only what it claims):
+    one image per split rendered again must have the recorded digest, and the counts must match."""
+    import hashlib
+    import io
+
+    files = meta.get("files", {})
+    for split, n, offset in (("train", params["num_train"], 1), ("val", params["num_val"], 1_000_001)):
+        if sum(k.startswith(f"{split}/") for k in files) != n:
+            return False
+        buf = io.BytesIO()
+        _scene(random.Random(f"{params['seed']}-{split}-0"), params["image_size"])[0].save(buf, "JPEG", quality=90)
+        if files.get(f"{split}/{offset:012d}.jpg", {}).get("sha256") != hashlib.sha256(buf.getvalue()).hexdigest()[:16]:
+            return False
+    return True
+
+
+def _write_splits(out: Path, num_train: int, num_val: int, seed: int, image_size: int) -> dict:
+    """Images and annotation files of both splits under ``out``; returns their counts."""
     splits = {}
     next_cap = 1
     for split, n, offset in (("train", num_train, 1), ("val", num_val, 1_000_001)):
@@ -177,28 +236,27 @@ def generate_demo_dataset(
             for cap in _captions(objs, rng):
                 anns.append({"id": next_cap, "image_id": iid, "caption": cap})
                 next_cap += 1
-        (out / "annotations").mkdir(parents=True, exist_ok=True)
         ann = {
             "info": {"description": "crossmodal demo shapes dataset", "version": str(VERSION)},
             "licenses": [{"id": 0, "name": "CC0 (generated)", "url": ""}],
             "images": images,
             "annotations": anns,
         }
+        (out / "annotations").mkdir(parents=True, exist_ok=True)
         (out / "annotations" / f"captions_{split}.json").write_text(json.dumps(ann))
         splits[split] = {"images": len(images), "captions": len(anns)}
-    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    meta = {"params": params, "splits": splits, "bytes": nbytes}
-    meta_file.write_text(json.dumps(meta, indent=1))
-    return meta
+    return splits
 
 
 def main(argv=None):
+    from .cli import int_in_range, non_negative_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/demo")
-    p.add_argument("--num-train", type=int, default=400)
-    p.add_argument("--num-val", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-train", type=positive_int, default=400)
+    p.add_argument("--num-val", type=positive_int, default=100)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--image-size", type=int_in_range(16, 4096), default=224)
     a = p.parse_args(argv)
     meta = generate_demo_dataset(a.out, a.num_train, a.num_val, a.seed, a.image_size)
     for split, s in meta["splits"].items():
@@ -208,4 +266,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_script
+
+    run_script(main)

@@ -10,6 +10,7 @@ written as ``X.shardIofN.npy`` and :func:`merge_shards` joins them, checking the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from .coco import CaptionSplit, load_image
 from .errors import DataError, FeatureError
 from .outputs import check, locked
 from .perf import keep_freed_memory
-from .store import ResumableWriter, ids_digest, load_features, read_meta, save_features, sidecar_path
+from .store import ResumableWriter, check_finite, ids_digest, load_features, read_meta, save_features, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,55 @@ def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
 
 
 def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
-    """Explicit ``--shard/--num-shards``, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    """Explicit ``--shard/--num-shards``, else torchrun's RANK/WORLD_SIZE, else (0, 1). Values
+    from the environment that are not whole numbers, or a rank outside the world, are one line."""
     if shard is not None or num_shards is not None:
         return int(shard or 0), int(num_shards or 1)
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = {}
+    for name, default, lo in (("RANK", "0", 0), ("WORLD_SIZE", "1", 1)):
+        text = os.environ.get(name, default).strip()
+        if not (text.isascii() and text.isdigit()) or int(text) < lo:
+            raise DataError(f"environment variable {name}={os.environ[name]!r} is not a whole number >= {lo} "
+                            "(set by torchrun; or pass --shard I --num-shards N)")
+        env[name] = int(text)
+    if env["RANK"] >= env["WORLD_SIZE"]:
+        raise DataError(f"environment variables RANK={env['RANK']} and WORLD_SIZE={env['WORLD_SIZE']}: the rank "
+                        f"must be below the world size (0 to {env['WORLD_SIZE'] - 1})")
+    return env["RANK"], env["WORLD_SIZE"]
 
 
 def shard_path(npy: Path, shard: int, num_shards: int) -> Path:
     return npy if num_shards == 1 else npy.with_name(f"{npy.stem}.shard{shard}of{num_shards}.npy")
 
 
+def data_digest(kind: str, split: CaptionSplit, start: int, stop: int) -> str:
+    """Digest of what rows [start, stop) are made from: each image file's id, size, modification
+    and status-change time (``img``, as git's stat cache: a rewrite that restores the mtime still
+    moves the ctime; a missing file counts too), or each caption's id and text (``text``). Changed
+    data changes the job, so features are never reused for other data."""
+    h = hashlib.sha256()
+    if kind == "img":
+        for i in range(start, stop):
+            try:
+                st = os.stat(split.image_path(i))
+                h.update(f"{split.image_ids[i]}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+            except OSError:
+                h.update(f"{split.image_ids[i]}:missing\n".encode())
+    else:
+        for cid, text in zip(split.caption_ids[start:stop].tolist(), split.captions[start:stop], strict=True):
+            h.update(f"{cid}\0{text}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def _job(kind: str, enc: dict, split: CaptionSplit, ids: np.ndarray, rows: tuple[int, int]) -> dict:
     return {"kind": kind, "encoder": enc["encoder"], "settings": enc["settings"], "weights": enc["weights"],
-            "split": split.name, "rows": list(rows), "ids": ids_digest(ids)}
+            "split": split.name, "rows": list(rows), "ids": ids_digest(ids), "data": data_digest(kind, split, *rows)}
+
+
+def _rebuild_on(job: dict) -> tuple[str, ...]:
+    """Job keys whose change means the inputs moved (rebuild, logged) rather than other settings
+    (refused without --force): the data, and a fastText model this project trained on the captions."""
+    return ("data", "weights") if job["weights"].get("source") == "trained" else ("data",)
 
 
 class _Job:
@@ -59,7 +96,7 @@ class _Job:
     already up to date, else ``writer`` resumes or starts it."""
 
     def __init__(self, kind: str, encoder, split: CaptionSplit, all_ids: np.ndarray, npy: Path,
-                 shard: tuple[int, int], force: bool):
+                 shard: tuple[int, int], force: bool, skip_bad: bool = False):
         self.start, self.stop = shard_range(len(all_ids), *shard)
         self.npy = shard_path(Path(npy), *shard)
         self.ids = all_ids[self.start : self.stop]
@@ -67,16 +104,17 @@ class _Job:
         self.meta = _meta(self.job, split)
         if hasattr(encoder, "extra_meta"):
             self.meta.update(encoder.extra_meta(self.npy))
-        self.dim, self.force = encoder.dim, force
+        self.dim, self.force, self.skip_bad = encoder.dim, force, skip_bad
         self.done, self.writer = None, None
         self._lock = locked(self.npy, what=f"feature file {self.npy}")
 
     def __enter__(self):
         self._lock.__enter__()
         try:
-            if check(sidecar_path(self.npy), self.job, self.force, what=f"feature file {self.npy}"):
+            if self._up_to_date():
                 log.info("%s is up to date, skipped (--force redoes it)", self.npy)
                 self.done = read_meta(self.npy)
+                ResumableWriter.discard(self.npy)  # leftovers of a run killed after it published
                 return self
             self.writer = ResumableWriter(self.npy, self.stop - self.start, self.dim, self.job, fresh=self.force)
         except BaseException:
@@ -85,6 +123,18 @@ class _Job:
         if self.writer.done:
             log.info("resuming %s at row %d of %d", self.npy, self.writer.done, self.stop - self.start)
         return self
+
+    def _up_to_date(self) -> bool:
+        what = f"feature file {self.npy}"
+        if not check(sidecar_path(self.npy), self.job, self.force, what=what, rebuild_on=_rebuild_on(self.job),
+                     full=True):
+            return False
+        skipped = read_meta(self.npy).get("skipped_ids")
+        if skipped and not self.skip_bad:  # made with --skip-bad: the inputs are tried again (fixed ones join)
+            log.info("%s skipped %d unreadable inputs (first id %s) and --skip-bad is not given: redoing it", what,
+                     len(skipped), skipped[0])
+            return False
+        return True
 
     def __exit__(self, *exc):
         return self._lock.__exit__(*exc)
@@ -131,7 +181,7 @@ def extract_images(
     force: bool = False, progress: bool = True,
 ) -> dict:
     """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
-    with _Job("img", encoder, split, split.image_ids, npy, shard, force) as j:
+    with _Job("img", encoder, split, split.image_ids, npy, shard, force, skip_bad) as j:
         return j.done or _encode_images(j, split, encoder, batch_size, workers, device or torch.device("cpu"),
                                         skip_bad, progress)
 
@@ -188,11 +238,13 @@ def extract_texts(
         return writer.finish(j.meta, j.ids, image_ids=split.caption_image_ids[start:stop])
 
 
-def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray, force: bool = False) -> dict:
+def merge_shards(npy: Path, num_shards: int, split: CaptionSplit, kind: str, force: bool = False) -> dict:
     """Join ``X.shardIofN.npy`` (I = 0..N-1) into ``X.npy``; checks that the shards come from one
-    job, cover contiguous rows, and that their ids are ``expected_ids`` (the split's, in order)
-    less the skipped ones. The result equals (and is recorded as) the unsharded run's file."""
+    job, cover contiguous rows, were made from the split's data as it is now, and that their ids
+    are the split's (images for ``kind`` "img", else captions), in order, less the skipped ones.
+    The result equals (and is recorded as) the unsharded run's file."""
     npy = Path(npy)
+    expected_ids = split.image_ids if kind == "img" else split.caption_ids
     parts = [shard_path(npy, i, num_shards) for i in range(num_shards)]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
@@ -202,9 +254,9 @@ def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray, force: bo
             stack.enter_context(locked(p, shared=True, what=f"shard {p}"))
         stack.enter_context(locked(npy, what=f"feature file {npy}"))
         arrays, metas = zip(*(load_features(p) for p in parts), strict=True)
-        base = {k: v for k, v in metas[0]["job"].items() if k not in ("rows", "ids")}
+        base = {k: v for k, v in metas[0]["job"].items() if k not in ("rows", "ids", "data")}
         for p, m in zip(parts, metas, strict=True):
-            if {k: v for k, v in m["job"].items() if k not in ("rows", "ids")} != base:
+            if {k: v for k, v in m["job"].items() if k not in ("rows", "ids", "data")} != base:
                 raise FeatureError(f"cannot merge: {p} was made by a different encoder, settings or split than "
                                    f"{parts[0]}")
         rows = [m["job"]["rows"] for m in metas]
@@ -219,8 +271,13 @@ def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray, force: bo
         if rows[-1][1] != len(expected) or not np.array_equal(ids, expected[[i not in skipped
                                                                              for i in expected.tolist()]]):
             raise FeatureError("cannot merge: the shards' ids do not match the split's ids in order")
-        job = dict(metas[0]["job"], rows=[0, len(expected)], ids=ids_digest(expected))
-        if check(sidecar_path(npy), job, force, what=f"feature file {npy}"):
+        for p, m in zip(parts, metas, strict=True):
+            if m["job"].get("data") != data_digest(kind, split, *m["job"]["rows"]):
+                raise FeatureError(f"cannot merge: {p} was made from other data than the split holds now (images or "
+                                   "captions changed since): run that shard again")
+        job = dict(metas[0]["job"], rows=[0, len(expected)], ids=ids_digest(expected),
+                   data=data_digest(kind, split, 0, len(expected)))
+        if check(sidecar_path(npy), job, force, what=f"feature file {npy}", rebuild_on=_rebuild_on(job), full=True):
             log.info("%s is up to date, skipped (--force redoes it)", npy)
             return read_meta(npy)
         meta = {k: v for k, v in metas[0].items() if k not in ("count", "dim", "created", "files")}
@@ -230,4 +287,6 @@ def merge_shards(npy: Path, num_shards: int, expected_ids: np.ndarray, force: bo
             meta["image_ids"] = [i for m in metas for i in m["image_ids"]]
         meta["job"] = job
         meta["merged_from"] = num_shards
-        return save_features(npy, np.concatenate(arrays), meta)
+        merged = np.concatenate(arrays)
+        check_finite(merged, meta["ids"], f"feature file {npy}")
+        return save_features(npy, merged, meta)

@@ -25,24 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from .errors import CrossmodalError
+from .locks import OutputBusyError, lock_path, locked  # noqa: F401 (re-exported: one module for outputs)
 
 log = logging.getLogger(__name__)
-
-
-class OutputBusyError(CrossmodalError, RuntimeError):
-    """Another process holds the output's lock."""
 
 
 class OutputConflictError(CrossmodalError, RuntimeError):
@@ -76,61 +70,19 @@ def file_record(path: str | Path) -> dict:
     return {"sha256": file_digest(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def matches_record(path: str | Path, record: dict) -> bool:
-    """True when ``path`` holds the bytes ``record`` describes (re-hashed only when its stat moved)."""
+def matches_record(path: str | Path, record: dict, full: bool = False) -> bool:
+    """True when ``path`` holds the bytes ``record`` describes. Re-hashed only when its stat moved,
+    unless ``full``: a file rewritten in place with its size and mtime kept passes the stat cache;
+    feature arrays, which every later stage trusts, are always hashed in full (about 1 s per GB)."""
     try:
         st = os.stat(path)
     except OSError:
         return False
     if not isinstance(record, dict) or st.st_size != record.get("size"):
         return False
-    if st.st_mtime_ns == record.get("mtime_ns"):
+    if st.st_mtime_ns == record.get("mtime_ns") and not full:
         return True
     return file_digest(path) == record.get("sha256")
-
-
-# --- locks -----------------------------------------------------------------------------------
-
-
-def lock_path(path: str | Path) -> Path:
-    """``X.npy`` -> ``X.npy.lock``: the file whose kernel lock guards ``X.npy``."""
-    path = Path(path)
-    return path.with_name(path.name + ".lock")
-
-
-def _holder_line() -> str:
-    cmd = " ".join(Path(sys.argv[0]).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]
-    return f"pid {os.getpid()} ({cmd}) since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-
-
-@contextlib.contextmanager
-def locked(path: str | Path, shared: bool = False, what: str | None = None):
-    """Hold ``path``'s lock (exclusive for a writer, shared for a reader) for the ``with`` block.
-
-    Never waits: when another process holds it in a conflicting mode, raises
-    :class:`OutputBusyError` naming the output and, for a writer, who holds it.
-    """
-    lp = lock_path(path)
-    lp.parent.mkdir(parents=True, exist_ok=True)
-    f = open(lp, "a+")  # noqa: SIM115 (held for the block)
-    try:
-        try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            verb = "read" if shared else "written"
-            raise OutputBusyError(
-                f"{what or path} is in use by {holder}; it cannot be {verb} now (wait for that job, or stop it: "
-                "its finished work is kept and a rerun resumes)") from None
-        if not shared:
-            f.seek(0)
-            f.truncate()
-            f.write(_holder_line() + "\n")
-            f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -294,8 +246,9 @@ def read_sidecar(sidecar: str | Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def verify_files(sidecar: str | Path, meta: dict) -> str | None:
-    """None when every file the sidecar vouches for is intact; else why not (one phrase)."""
+def verify_files(sidecar: str | Path, meta: dict, full: bool = False) -> str | None:
+    """None when every file the sidecar vouches for is intact; else why not (one phrase).
+    ``full``: hash every file, never trusting its size and mtime (:func:`matches_record`)."""
     records = meta.get("files")
     if not isinstance(records, dict) or not records:
         return "its sidecar records no file digests (an older or foreign file)"
@@ -303,7 +256,7 @@ def verify_files(sidecar: str | Path, meta: dict) -> str | None:
         p = Path(sidecar).parent / name
         if not p.is_file():
             return f"{p} is missing"
-        if not matches_record(p, rec):
+        if not matches_record(p, rec, full):
             return f"{p} does not match the digest in its sidecar (interrupted write, or changed since)"
     return None
 
@@ -322,20 +275,21 @@ def diff(old, new, prefix: str = "") -> list[str]:
 
 
 def check(sidecar: str | Path, job: dict, force: bool = False, what: str | None = None,
-          rebuild_on: tuple[str, ...] = ()) -> bool:
+          rebuild_on: tuple[str, ...] = (), full: bool = False) -> bool:
     """Decide whether the output behind ``sidecar`` must be (re)made for ``job``.
 
     Returns True when it is finished, intact and made by exactly ``job`` (the caller skips the
     work), False when it is absent, incomplete or corrupt (logged), or ``force`` is given.
     Raises :class:`OutputConflictError` when a finished, intact output was made by another job,
     naming the differences, unless every difference lies under a key in ``rebuild_on`` (inputs
-    that changed upstream: the output is stale and is rebuilt, logged).
+    that changed upstream: the output is stale and is rebuilt, logged). ``full``: verify the
+    files by their whole digest (:func:`matches_record`).
     """
     what = what or str(sidecar)
     meta = read_sidecar(sidecar)
     if meta is None:
         return False
-    problem = verify_files(sidecar, meta)
+    problem = verify_files(sidecar, meta, full)
     if problem:
         log.warning("%s is not a finished output (%s): it will be made again", what, problem)
         return False

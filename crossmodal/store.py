@@ -8,8 +8,9 @@ then the sidecar written; loading checks the array against the sidecar (digest, 
 
 :class:`ResumableWriter` fills the rows of a future feature file in order, chunk by chunk,
 into ``X.partial.npy`` (a memory map whose blocks are allocated up front, so a full disk is an
-error, not a SIGBUS) and records progress in ``X.progress.json`` after each chunk is flushed; a
-rerun of the same job resumes after the last recorded chunk. A partial file that is corrupt or
+error, not a SIGBUS) and records progress in ``X.progress.json`` after each chunk is flushed, with
+the digest of the chunk's rows; a rerun of the same job re-verifies the kept chunks and resumes
+after the last one that still matches. Rows are checked finite once, when published. A partial file that is corrupt or
 was made by another job is discarded with a logged line. The caller holds the output's lock.
 """
 
@@ -94,7 +95,38 @@ def _complete_meta(meta: dict, shape) -> dict:
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if len(meta.get("ids", [])) != shape[0]:
         raise FeatureError(f"sidecar lists {len(meta.get('ids', []))} ids for {shape[0]} rows")
+    meta["rows_sha256"] = rows_digest(meta)
     return meta
+
+
+def rows_digest(meta: dict) -> str:
+    """Digest of a sidecar's per-row id lists (``ids``, and ``image_ids`` for captions), in order."""
+    return ids_digest(*(meta[k] for k in ("ids", "image_ids") if isinstance(meta.get(k), list)))
+
+
+def _check_rows(npy: Path, meta: dict) -> None:
+    """Refuse id lists that are not the ones the array was published with (reordered, edited)."""
+    job = meta.get("job") if isinstance(meta.get("job"), dict) else {}
+    for key in ("ids", "image_ids"):
+        if key in meta and not all(type(i) is int for i in meta[key]):
+            raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers; re-run its stage")
+    if "rows_sha256" in meta:  # recorded at publication
+        bad = meta["rows_sha256"] != rows_digest(meta)
+    else:  # older sidecars: the job's digest of the ids it covers
+        bad = isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids") and \
+            job["ids"] != ids_digest(meta["ids"])
+    if bad:
+        raise FeatureError(f"the id lists in the sidecar of {npy} are not the ones its rows were made with (edited or "
+                           "reordered): rows and ids would be mismatched; re-run the stage that makes it with --force")
+
+
+def check_finite(array: np.ndarray, ids, what) -> None:
+    """Refuse rows holding NaN or infinity before they are published; names the first row's id."""
+    for lo in range(0, len(array), 65536):
+        bad = ~np.isfinite(array[lo : lo + 65536]).all(axis=1)
+        if bad.any():
+            r = lo + int(np.argmax(bad))
+            raise FeatureError(f"{what}: row {r} (id {ids[r]}) holds NaN or infinite values; not published")
 
 
 def read_meta(npy: str | Path) -> dict:
@@ -120,7 +152,7 @@ def load_features(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]
     if not npy.is_file():
         raise FeatureError(f"feature file {npy} does not exist (run the stage that makes it first)")
     meta = read_meta(npy)
-    problem = verify_files(sidecar_path(npy), meta)
+    problem = verify_files(sidecar_path(npy), meta, full=True)  # a feature file is always hashed whole
     if problem:
         raise FeatureError(f"feature file {npy} cannot be trusted: {problem}; re-run the stage that makes it")
     try:
@@ -143,7 +175,25 @@ def load_features(npy: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]
     for key in ("ids", "image_ids"):
         if key in meta and len(meta[key]) != arr.shape[0]:
             raise FeatureError(f"sidecar {sidecar_path(npy)} lists {len(meta[key])} {key} for {arr.shape[0]} rows")
+    _check_rows(npy, meta)
     return arr, meta
+
+
+def _rows_sha(rows: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()[:16]
+
+
+def _spans(chunks: list, done: int) -> list:
+    """The [start, stop) pairs that chunks written in order from row 0 to ``done`` must have."""
+    spans, at = [], 0
+    for c in chunks:
+        if int(c[1]) <= at:
+            return None
+        spans.append([at, int(c[1])])
+        at = int(c[1])
+    return spans if at == done else None
 
 
 class ResumableWriter:
@@ -160,9 +210,10 @@ class ResumableWriter:
         self.partial = self.npy.with_name(self.npy.stem + ".partial.npy")
         self.progress = self.npy.with_name(self.npy.stem + ".progress.json")
         self.n_rows, self.dim, self.job = n_rows, dim, job
-        self.done, self.skipped = 0, []
+        self.done, self.skipped, self.chunks = 0, [], []
         self.array = None if fresh else self._reopen()
         if self.array is None:
+            self.done, self.skipped, self.chunks = 0, [], []
             remove(self.partial, self.progress)
             self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n_rows, dim))
             try:
@@ -172,6 +223,12 @@ class ResumableWriter:
                 remove(self.partial)  # an unbacked map would die with SIGBUS later: never keep it
                 raise
             self._save_progress()
+
+    @staticmethod
+    def discard(npy: str | Path) -> None:
+        """Remove the partial file and progress record of ``npy`` (left by a run killed after publishing)."""
+        npy = Path(npy)
+        remove(npy.with_name(npy.stem + ".partial.npy"), npy.with_name(npy.stem + ".progress.json"))
 
     def _reopen(self):
         """The partial array of an interrupted run of this job, or None (reason logged)."""
@@ -190,16 +247,35 @@ class ResumableWriter:
                     why = f"it holds a {arr.dtype} array of shape {arr.shape}"
                 elif not 0 <= int(state["done"]) <= self.n_rows:
                     why = f"its progress record says {state['done']} rows done"
+                elif [c[:2] for c in state["chunks"]] != _spans(state["chunks"], int(state["done"])):
+                    why = "its progress record does not list the digests of its chunks"
+                elif not all(isinstance(r, int) and 0 <= r < int(state["done"]) for r in state["skipped"]):
+                    why = "its progress record lists skipped rows outside the rows done"
                 else:
-                    self.done, self.skipped = int(state["done"]), [int(r) for r in state["skipped"]]
+                    self.array = arr
+                    self._keep_verified(state)
                     return arr
-            except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            except (OSError, ValueError, EOFError, KeyError, TypeError, IndexError) as e:
                 why = f"it cannot be read ({type(e).__name__}: {e})"
         log.warning("discarding the partial output %s of an earlier run: %s", self.partial, why)
         return None
 
+    def _keep_verified(self, state: dict) -> None:
+        """Keep the chunks whose rows still match their recorded digests, up to the first that does
+        not (rows changed on disk after a kill): the work resumes from there."""
+        self.chunks, self.skipped = [], [int(r) for r in state["skipped"]]
+        for start, stop, digest in state["chunks"]:
+            if _rows_sha(self.array[start:stop]) != digest:
+                log.warning("rows %d-%d of the partial output %s do not match their digest (changed on disk "
+                            "after an interruption?): redoing them and everything after", start, stop, self.partial)
+                break
+            self.chunks.append([start, stop, digest])
+        self.done = self.chunks[-1][1] if self.chunks else 0
+        self.skipped = [r for r in self.skipped if r < self.done]
+
     def _save_progress(self) -> None:
-        state = {"job": self.job, "shape": [self.n_rows, self.dim], "done": self.done, "skipped": self.skipped}
+        state = {"job": self.job, "shape": [self.n_rows, self.dim], "done": self.done, "skipped": self.skipped,
+                 "chunks": self.chunks}
         write_json(self.progress, state)
 
     def write(self, start: int, rows: np.ndarray, skipped_rows=()) -> None:
@@ -208,6 +284,7 @@ class ResumableWriter:
             raise RuntimeError(f"chunk starts at row {start}, expected {self.done}")
         self.array[start : start + len(rows)] = rows
         self.array.flush()
+        self.chunks.append([start, start + len(rows), _rows_sha(self.array[start : start + len(rows)])])
         self.done = start + len(rows)
         self.skipped += [int(r) for r in skipped_rows]
         self._save_progress()
@@ -216,6 +293,7 @@ class ResumableWriter:
         """Publish the final file. ``ids`` (n_rows,) (and ``image_ids``) are per row, before skips."""
         if self.done != self.n_rows:
             raise RuntimeError(f"finish() after {self.done} of {self.n_rows} rows")
+        check_finite(self.array, np.asarray(ids), f"feature file {self.npy}")  # once, at publication
         keep = np.ones(self.n_rows, bool)
         keep[self.skipped] = False
         meta = dict(meta, job=self.job, ids=np.asarray(ids)[keep].tolist())

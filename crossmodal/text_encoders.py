@@ -95,19 +95,22 @@ def train_fasttext(
     Published through :mod:`crossmodal.outputs` as ``<out_dir>/<split>_model_fasttext.bin`` with a
     sidecar holding its settings and the ids of the images whose captions trained it: training
     and scoring refuse the model when those images are not all in the training split. An
-    existing model of the same job is reused; one of another job is refused without ``force``.
+    existing model of the same job is reused; one trained on other captions (ids or text) is
+    retrained; one of other settings is refused without ``force``.
     One thread makes the model bit-reproducible (fastText's seed is fixed; tested); several threads
     race by design (Hogwild) and are not. A saved model is reloaded and compared with the
     trained one before it is published, so a short write (a full disk) never passes as a model.
     """
+    from .extract import data_digest
     from .outputs import check, locked, publish, tmp_path, write_bytes
 
     path = fasttext_model_path(out_dir, split.name)
     side = path.with_suffix(".json")
     job = {"train_split": split.name, "captions": ids_digest(split.caption_ids), "dim": dim, "epoch": epoch,
-           "bucket": bucket, "threads": threads, "model": "skipgram", "minCount": 1}
+           "bucket": bucket, "threads": threads, "model": "skipgram", "minCount": 1,
+           "texts": data_digest("text", split, 0, split.num_captions)}  # edited captions: the model is stale
     with locked(path, what=f"fastText model {path}"):
-        if check(side, job, force, what=f"fastText model {path}"):
+        if check(side, job, force, what=f"fastText model {path}", rebuild_on=("texts", "captions"), full=True):
             return path
         log.info("training fastText (dim %d, %d epochs) on %d captions of %s", dim, epoch, split.num_captions,
                  split.name)
