@@ -90,9 +90,10 @@ def weights_digest(module) -> str:
 
 def export_onnx(module, example: dict, outputs: list[str], dynamic: dict, tag: str, precision: str = "fp32",
                 folder: str | Path | None = None, digest: str | None = None) -> tuple[Path, dict]:
-    """The ONNX export of ``module`` (made now, or reused from the cache): its path and sidecar.
+    """The ONNX export of ``module`` (made now, or reused from the cache): its path and job.
 
-    ``module(**example)`` must return the tensors named ``outputs`` (a tensor or a tuple);
+    ``module(**example)`` must return the tensor named ``outputs[0]`` (or a model output whose
+    first field it is);
     ``example`` maps input names to example tensors; ``dynamic`` maps every input and output name
     to its dynamic axes (``{0: "batch", 1: "tokens"}``). ``tag`` names the file
     (``<cache>/onnx/<tag>-<job digest>.onnx``). ``int8`` quantises the fp32 export (dynamic, int8
@@ -151,6 +152,10 @@ def _export(module, example: dict, outputs: list[str], dynamic: dict, out: Path)
             torch.onnx.export(wrapper, tuple(example.values()), str(out), dynamo=False, opset_version=OPSET,
                               input_names=list(example), output_names=outputs, dynamic_axes=dynamic,
                               do_constant_folding=True)
+    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as e:
+        out.unlink(missing_ok=True)
+        raise ModelError(f"the ONNX export into {out} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         "use --runtime torch") from None
     finally:
         module.train(was_training)
 

@@ -153,3 +153,17 @@ def test_int8_is_another_setting_close_to_fp32(encoders, small_root):
     cos = _cos(torch_enc.encode(caps), q.encode(caps))
     assert 0.8 < cos.mean() < 0.9999  # lossy, yet close
     assert q.extra_meta(cache / "x.npy")["runtime"]["precision"] == "int8"
+
+
+def test_a_failed_export_is_one_line_and_leaves_nothing(tmp_path):
+    import torch
+
+    import crossmodal.runtimes as rt
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise TypeError("unsupported input")
+
+    with pytest.raises(ModelError, match="ONNX export into .* failed .*unsupported input.*--runtime torch"):
+        rt.export_onnx(Broken(), {"x": torch.zeros(1, 2)}, ["y"], {}, "broken", folder=tmp_path)
+    assert not [p for p in (tmp_path / "onnx").iterdir() if p.suffix == ".onnx"]
