@@ -83,6 +83,12 @@ def text_parser() -> argparse.ArgumentParser:
                         "'mpnet' = all-mpnet-base-v2 (best in the cross-validation; README for its offline install)")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
+    g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="auto: ONNX Runtime on the CPU when installed (the same vectors), else PyTorch")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: ONNX Runtime dynamic quantisation, faster and lossy (a setting of the features)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where the ONNX export is kept (default $XDG_CACHE_HOME/crossmodal or ~/.cache/crossmodal)")
     _add_shard_args(p)
     add_run_args(p, batch_size=128)
     return p
@@ -139,7 +145,8 @@ def _extract_texts(a, split, npy, shard) -> dict:
     else:
         from .text_encoders import BertEncoder
 
-        enc = BertEncoder(a.bert_model, pooling=a.pooling, max_length=a.max_length, device=resolve_device(a.device))
+        enc = BertEncoder(a.bert_model, pooling=a.pooling, max_length=a.max_length, device=resolve_device(a.device),
+                          runtime=a.runtime, precision=a.precision, cache_dir=a.cache_dir)
     return extract_texts(split, enc, npy, batch_size=a.batch_size, shard=shard, force=a.force,
                          progress=not a.no_progress)
 
