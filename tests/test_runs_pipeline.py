@@ -16,8 +16,8 @@ from crossmodal.pipeline import STAGES
 from crossmodal.pipeline import run as pipeline_run
 from tests.conftest import ROOT
 
-TINY = ["--demo", "--demo-train", "8", "--demo-val", "4", "--epochs", "1", "--input-size", "32", "--fasttext-dim",
-        "8", "--fasttext-bucket", "200", "--fasttext-epoch", "1", "--quiet"]
+TINY = ["--demo", "--demo-train", "24", "--demo-val", "8", "--epochs", "1", "--input-size", "64", "--fasttext-dim",
+        "16", "--fasttext-bucket", "2000", "--fasttext-epoch", "3", "--quiet"]
 SCRIPTS = sorted(p.name for p in ROOT.glob("*.py") if p.name not in ("coco_triplet_dataset.py",))
 
 
@@ -57,7 +57,7 @@ def test_pipeline_from_another_directory_and_its_summary_after_a_kill(tmp_path, 
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     want = _summary(tmp_path)
-    assert "Results on val (4 images" in want[0]["header"]
+    assert "Results on val (8 images" in want[0]["header"]
     monkeypatch.chdir(tmp_path)
     summary_dir = tmp_path / "runs" / "demo"
     # killed before the summary, then between its two files

@@ -156,3 +156,13 @@ def test_a_checkpoint_of_another_run_is_not_resumed(run_feats, reference, tmp_pa
         train(run_feats, tmp_path / "runs")
     with pytest.raises(OutputConflictError, match=r"other arguments or features \(epochs: 3 -> 2; lr"):
         train(run_feats, tmp_path / "runs", "--lr", "0.01", epochs=2)  # args.json says what the run is
+
+
+def test_lost_args_json_still_guards_a_finished_run(run_feats, reference, tmp_path):
+    """args.json damaged: the checkpoints say what the run is, so other arguments are still refused."""
+    ref, _ = reference
+    run = _finished_copy(ref, tmp_path)
+    (run / "args.json").write_text("{not json")
+    with pytest.raises(OutputConflictError, match=r"other arguments or features \(lr: 0.001 -> 0.01\)"):
+        train(run_feats, tmp_path / "runs", "--lr", "0.01")
+    assert_same_run(run, ref)
