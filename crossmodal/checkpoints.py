@@ -73,6 +73,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
+def heads_are_finite(ck: dict) -> bool:
+    """True when every weight of both heads is a finite number (a damaged checkpoint may hold NaN)."""
+    return all(bool(torch.isfinite(t).all()) for key in ("img_head", "txt_head") for t in ck[key].values()
+               if torch.is_tensor(t) and t.is_floating_point())
+
+
 def save_checkpoint(obj: dict, path: Path) -> None:
     """A checkpoint, whole or not at all (temporary name, then rename); a full disk is one line."""
     tmp = tmp_path(path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checkpoints import load_checkpoint
+from .checkpoints import heads_are_finite, load_checkpoint
 from .errors import ModelError
 from .outputs import (
     OutputConflictError,
@@ -105,6 +105,8 @@ def resume_point(f: dict, record: dict) -> dict | None:
     seeded, so starting afresh ends in the files an uninterrupted run writes."""
     try:
         ck = load_checkpoint(f["last"])
+        if not heads_are_finite(ck):
+            raise ModelError(f"checkpoint {f['last']} holds NaN or infinite weights")
     except ModelError as e:
         log.warning("%s; the run starts afresh (seeded: it ends as an uninterrupted run would)", e)
         return None

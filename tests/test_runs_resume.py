@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 import crossmodal.run_state as run_state
 import crossmodal.train as train_mod
@@ -122,6 +123,12 @@ def _append(path, text):
         f.write(text.encode())
 
 
+def _nan_weights(path):
+    ck = torch.load(path, weights_only=True)
+    ck["img_head"]["net.0.weight"][:] = float("nan")
+    torch.save(ck, path)
+
+
 DAMAGE = {  # what a kill, a full disk or a stray edit can do to a finished run's files
     "done.json garbage": lambda r: (r / "done.json").write_bytes(b"\x80garbage{"),
     "done.json deleted": lambda r: (r / "done.json").unlink(),
@@ -132,6 +139,7 @@ DAMAGE = {  # what a kill, a full disk or a stray edit can do to a finished run'
     "last.pt garbage, done.json deleted": lambda r: [(r / "last.pt").write_bytes(b"\x80garbage"),
                                                      (r / "done.json").unlink()],
     "best.pt zero bytes": lambda r: (r / "best.pt").write_bytes(b""),
+    "last.pt NaN weights, done.json deleted": lambda r: [_nan_weights(r / "last.pt"), (r / "done.json").unlink()],
     "results.jsonl rows damaged": lambda r: _append(r / "results.jsonl", '{"type": "epoch", "epoch": "2", '
                                                                          '"loss": null}\n[1, 2]\n{"type": "epo'),
 }
