@@ -165,7 +165,7 @@ def run_name(text: str) -> str:
     """A run name: one folder name inside ``--runs-dir``, never a path (no ``/``, ``\\``, ``..``,
     control characters, and not blank), so nothing is written outside the runs folder."""
     if not has_visible_text(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is blank: give a name such as img2text_fasttext")
+        raise argparse.ArgumentTypeError(f"{text!r} is blank: give a folder name")
     bad = [c for c in ("/", "\\") if c in text]
     if bad or text in (".", "..") or text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
         why = f"contains {bad[0]!r}" if bad else "is not a plain folder name"
