@@ -6,6 +6,7 @@ written in that order each epoch and at the end. :func:`start_state` reads what 
 whether the run is finished (``done``: ``done.json`` vouches for ``best.pt``), resumes from
 ``last.pt`` (checked by :func:`resume_point`), or starts afresh; a kill at any point between
 these writes leaves a state that one of the three ends as an uninterrupted run would.
+What a run is (:func:`run_record`) and the leak rules between its splits live here too.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoints import heads_are_finite, load_checkpoint
-from .errors import ModelError
+from .errors import DataError, ModelError
 from .outputs import (
     OutputConflictError,
     diff,
@@ -129,6 +132,27 @@ def resume_point(f: dict, record: dict) -> dict | None:
         return None
     ck["best_on_disk"] = b["epoch"]
     return ck
+
+
+def check_disjoint(ids_a, ids_b, what_a: str, what_b: str, advice: str) -> None:
+    """Refuse two id sets that share anything: the error names both and the number shared."""
+    shared = np.intersect1d(np.asarray(ids_a, dtype=np.int64), np.asarray(ids_b, dtype=np.int64))
+    if len(shared):
+        raise DataError(f"{what_a} and {what_b} share {len(shared)} images (e.g. ids {shared[:3].tolist()}): "
+                        f"{advice}")
+
+
+def check_text_model(txt_meta: dict, train_image_ids, train_split: str, txt_npy: Path) -> None:
+    """Refuse caption features whose fastText model saw captions of images outside the training split."""
+    seen = txt_meta.get("text_model_train_image_ids")
+    if seen is None:
+        return
+    outside = np.setdiff1d(np.asarray(seen, dtype=np.int64), np.asarray(train_image_ids, dtype=np.int64))
+    if len(outside):
+        raise DataError(
+            f"the fastText model behind {txt_npy} was trained on captions of {len(outside)} images outside the "
+            f"training split {train_split!r} (e.g. ids {outside[:3].tolist()}): re-make the caption features with "
+            f"--fasttext-train-split {train_split} --force")
 
 
 def feature_digest(meta: dict, npy: Path) -> str:

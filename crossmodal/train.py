@@ -58,7 +58,9 @@ from .outputs import (
     remove,
     write_json,
 )
-from .run_state import (  # noqa: F401 (feature_digest, read_results: re-exported)
+from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_results: re-exported)
+    check_disjoint,
+    check_text_model,
     feature_digest,
     finish,
     plot_results,
@@ -296,27 +298,6 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         if self.sched and ck["scheduler"]:
             self.sched.load_state_dict(ck["scheduler"])
-
-
-def check_disjoint(ids_a, ids_b, what_a: str, what_b: str, advice: str) -> None:
-    """Refuse two id sets that share anything: the error names both and the number shared."""
-    shared = np.intersect1d(np.asarray(ids_a, dtype=np.int64), np.asarray(ids_b, dtype=np.int64))
-    if len(shared):
-        raise DataError(f"{what_a} and {what_b} share {len(shared)} images (e.g. ids {shared[:3].tolist()}): "
-                        f"{advice}")
-
-
-def check_text_model(txt_meta: dict, train_image_ids, train_split: str, txt_npy: Path) -> None:
-    """Refuse caption features whose fastText model saw captions of images outside the training split."""
-    seen = txt_meta.get("text_model_train_image_ids")
-    if seen is None:
-        return
-    outside = np.setdiff1d(np.asarray(seen, dtype=np.int64), np.asarray(train_image_ids, dtype=np.int64))
-    if len(outside):
-        raise DataError(
-            f"the fastText model behind {txt_npy} was trained on captions of {len(outside)} images outside the "
-            f"training split {train_split!r} (e.g. ids {outside[:3].tolist()}): re-make the caption features with "
-            f"--fasttext-train-split {train_split} --force")
 
 
 def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") -> dict:
