@@ -161,6 +161,21 @@ def non_blank_text(max_chars: int = MAX_TEXT_CHARS):
     return check
 
 
+def run_name(text: str) -> str:
+    """A run name: one folder name inside ``--runs-dir``, never a path (no ``/``, ``\\``, ``..``,
+    control characters, and not blank), so nothing is written outside the runs folder."""
+    if not has_visible_text(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is blank: give a folder name")
+    bad = [c for c in ("/", "\\") if c in text]
+    if bad or text in (".", "..") or text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        why = f"contains {bad[0]!r}" if bad else "is not a plain folder name"
+        raise argparse.ArgumentTypeError(f"{text!r} {why}: a run name is a name, not a path (use --runs-dir to "
+                                         "choose the folder runs go in)")
+    if len(text.encode()) > 200:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}... is longer than 200 bytes")
+    return text
+
+
 def split_name(text: str) -> str:
     """``NAME`` or ``NAME[start:stop]`` (Karpathy splits joined with ``+``)."""
     from .coco import parse_split
@@ -241,6 +256,7 @@ def resolve_device(name: str):
     """``auto`` -> CUDA when available; under torchrun each process takes GPU ``LOCAL_RANK``."""
     import torch
 
+    env_int("LOCAL_RANK", 0)  # a malformed value is refused on every device, not only where a GPU reads it
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -248,8 +264,27 @@ def resolve_device(name: str):
             from .errors import ModelError
 
             raise ModelError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cuda", env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
     return torch.device(name)
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer environment variable set by a launcher (torchrun's ``LOCAL_RANK``, ``RANK``,
+    ``WORLD_SIZE``): ``default`` when unset; a value that is not an integer >= ``minimum`` is one
+    :class:`~crossmodal.errors.DataError` line naming it."""
+    from .errors import DataError
+
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < minimum:
+        raise DataError(f"environment variable {name}={text!r} is not an integer >= {minimum} (it is set by "
+                        "torchrun; unset it or give a number)")
+    return v
 
 
 @functools.cache

@@ -35,13 +35,13 @@ def training_curves(results: list[dict], path: str | Path) -> Path:
     """Loss and validation R@K by epoch, from a run's ``results.jsonl`` rows."""
     ep = [r["epoch"] for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(ep, [r["loss"] for r in results], marker=".")
+    ax1.plot(ep, [r.get("loss", np.nan) for r in results], marker=".")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     for d, style in (("img2text", "-"), ("text2img", "--")):
         for k, c in zip((1, 5, 10), ("C0", "C1", "C2"), strict=True):
             key = f"val_{d}_R@{k}"
-            if results and key in results[0]:
-                ax2.plot(ep, [r[key] for r in results], style, color=c, label=f"{d} R@{k}")
+            if any(key in r for r in results):
+                ax2.plot(ep, [r.get(key, np.nan) for r in results], style, color=c, label=f"{d} R@{k}")
     ax2.set(xlabel="epoch", ylabel="recall (%)", title="validation R@K", ylim=(0, 100))
     ax2.legend(fontsize=7, ncol=2)
     for ax in (ax1, ax2):

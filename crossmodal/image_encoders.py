@@ -165,16 +165,21 @@ class FasterRCNNRegions(nn.Module):
                 ) from None
             self.model.load_state_dict(state)
             return {"source": "torchvision", "name": str(default), "url": default.url}
+        from .checkpoints import load_state_file
+
         path = Path(weights)
         if not path.is_file():
             raise ModelError(f"--detector-weights {path}: no such file (give a state dict .pth, or 'torchvision')")
+        state = load_state_file(path, "--detector-weights")  # one line for empty, corrupt or code-running files
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        if not isinstance(state, dict):
+            raise ModelError(f"--detector-weights {path} holds a {type(state).__name__}, not a state dict of {arch}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
             self.model.load_state_dict(state)
-        except (RuntimeError, OSError, ValueError, KeyError) as e:
-            raise ModelError(f"--detector-weights {path} does not hold {arch} weights: {e}") from e
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise ModelError(f"--detector-weights {path} does not hold {arch} weights: {first}") from None
         return {"source": "file", "file": path.name, "sha256_16": file_digest(path)}
 
     def describe(self) -> dict:

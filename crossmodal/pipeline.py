@@ -1,27 +1,33 @@
-"""The main job: every stage, each through its own script, then one summary table.
+"""The main job: every stage, each through its own script's entry point, then one summary table.
 
     python -m crossmodal.pipeline --demo          # make demo: the embedded dataset, offline encoders
     python -m crossmodal.pipeline --coco-root ../shared/data/coco-mini \\
         --train-split 'train2017[:100]' --val-split 'train2017[100:]' --out coco-mini
 
 Stages: demo data -> image features -> fastText and BERT caption features -> the four
-training scripts -> embeddings + Faiss indexes -> both metric scripts -> figures. Each
-stage skips itself when its outputs exist and match its inputs, so a rerun (or a rerun
-after an interruption) redoes only what is missing; ``--force`` redoes everything.
+training scripts -> embeddings + Faiss indexes -> both metric scripts -> figures. Each stage
+is called through the package function its top-level script calls (:data:`STAGES`), with the
+argv a user would type, so the pipeline runs exactly what the scripts run, from any working
+directory (relative paths, like ``--out`` and ``data/demo``, are relative to it). Each stage
+skips itself when its outputs exist and match its inputs, so a rerun (or a rerun after an
+interruption) redoes only what is missing; ``--force`` redoes everything. The summary
+(``runs/<out>/summary.{json,txt}``) is written last, each file whole.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
+import os
 import shlex
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .cli import existing_dir, existing_file, int_in_range, positive_int, setup_logging, split_name
+from . import databases, embed, retrieve, train
+from .cli import existing_dir, existing_file, int_in_range, positive_int, run_name, setup_logging, split_name
 
 log = logging.getLogger("crossmodal.pipeline")
 
@@ -32,6 +38,16 @@ MODELS = (  # script, direction, text encoder
     ("text2img_bert.py", "text2img", "bert"),
 )
 SUMMARY_KEYS = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10")
+# script -> the package function its main(argv) calls (tests check that each script calls exactly this)
+STAGES = {
+    "make_database_img.py": databases.run_image,
+    "make_database_text.py": databases.run_text,
+    **{script: functools.partial(train.run, direction=d, text_encoder=e) for script, d, e in MODELS},
+    "get_features_captions.py": embed.run,
+    "retrieve_img2text.py": functools.partial(retrieve.run_metrics, direction="img2text"),
+    "retrieve_text2img.py": functools.partial(retrieve.run_metrics, direction="text2img"),
+    "main_retrieve.py": retrieve.run_figures,
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--karpathy-file", default=None, type=existing_file)
     p.add_argument("--train-split", default="train", type=split_name)
     p.add_argument("--val-split", default="val", type=split_name)
-    p.add_argument("--out", default="demo", help="results go to features/<out>/ and runs/<out>/")
+    p.add_argument("--out", default="demo", type=run_name, help="results go to features/<out>/ and runs/<out>/")
     p.add_argument("--image-encoder", default="effnet-lite0", choices=["effnet-lite0", "fasterrcnn"])
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
                    help="effnet-lite0 input side (default 256)")
@@ -59,10 +75,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _stage(script: str, main, argv: list[str]):
+def _stage(script: str, argv: list[str]):
+    """Run one stage as ``python SCRIPT ARGV`` would (its entry point, in this process)."""
     log.info("$ python %s %s", script, " ".join(shlex.quote(a) for a in argv))
     t0 = time.perf_counter()
-    out = main(argv)
+    out = STAGES[script](argv)
     log.info("  %s done in %.1f s", script, time.perf_counter() - t0)
     return out
 
@@ -93,15 +110,16 @@ def summary_table(rows: dict[str, dict]) -> str:
 
 
 def run(argv=None) -> dict:
-    import get_features_captions
-    import main_retrieve
-    import make_database_img
-    import make_database_text
-    import retrieve_img2text
-    import retrieve_text2img
+    from .outputs import locked
 
     a = parser().parse_args(argv)
     setup_logging(a.verbose)
+    runs = Path("runs") / a.out
+    with locked(runs / "pipeline", what=f"pipeline {runs}"):  # one pipeline per --out at a time
+        return _run(a, runs)
+
+
+def _run(a, runs: Path) -> dict:
     t_start = time.perf_counter()
     if a.demo:
         from .demo_data import generate_demo_dataset
@@ -114,55 +132,58 @@ def run(argv=None) -> dict:
         from .errors import DataError
 
         raise DataError("give --demo or --coco-root")
-    feats, runs = Path("features") / a.out, Path("runs") / a.out
+    feats = Path("features") / a.out
     data = ["--coco-root", a.coco_root] + (["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])
     common = (["--force"] if a.force else []) + (["--no-progress"] if a.quiet else []) + (
         ["--skip-bad"] if a.skip_bad else [])
     for split in (a.train_split, a.val_split):
-        _stage("make_database_img.py", make_database_img.main,
+        _stage("make_database_img.py",
                [*data, "--split", split, "--features-dir", str(feats), "--encoder", a.image_encoder, *common,
                 *(["--input-size", str(a.input_size)] if a.input_size else [])])
     for split in (a.train_split, a.val_split):
-        _stage("make_database_text.py", make_database_text.main,
+        _stage("make_database_text.py",
                [*data, "--split", split, "--features-dir", str(feats), "--encoder", "fasttext",
                 "--fasttext-train-split", a.train_split, "--fasttext-dim", str(a.fasttext_dim),
                 "--fasttext-bucket", str(a.fasttext_bucket), "--fasttext-epoch", str(a.fasttext_epoch), *common])
-        _stage("make_database_text.py", make_database_text.main,
+        _stage("make_database_text.py",
                [*data, "--split", split, "--features-dir", str(feats), "--encoder", "bert",
                 "--bert-model", a.bert_model, *common])
     results, figures = {}, {}
     force = ["--force"] if a.force else []
     for script, direction, enc in MODELS:
-        module = __import__(script[:-3])
         name = f"{direction}_{enc}"
-        _stage(script, module.main, ["--features-dir", str(feats), "--runs-dir", str(runs), "--train-split",
-                                     a.train_split, "--val-split", a.val_split, "--image-encoder", a.image_encoder,
-                                     "--epochs", str(a.epochs), "--no-progress", *force])
+        _stage(script, ["--features-dir", str(feats), "--runs-dir", str(runs), "--train-split", a.train_split,
+                        "--val-split", a.val_split, "--image-encoder", a.image_encoder, "--epochs", str(a.epochs),
+                        "--no-progress", *force])
         run_dir = str(runs / name)
-        _stage("get_features_captions.py", get_features_captions.main, ["--run", run_dir, "--split", a.val_split,
-                                                                         *force])
+        _stage("get_features_captions.py", ["--run", run_dir, "--split", a.val_split, *force])
         m = {}
-        for s, mod in (("retrieve_img2text.py", retrieve_img2text), ("retrieve_text2img.py", retrieve_text2img)):
-            m.update(_stage(s, mod.main, ["--run", run_dir, "--split", a.val_split, *force]))
+        for s in ("retrieve_img2text.py", "retrieve_text2img.py"):
+            m.update(_stage(s, ["--run", run_dir, "--split", a.val_split, *force]))
         results[name] = m
-        figures[name] = _stage("main_retrieve.py", main_retrieve.main, [
+        figures[name] = _stage("main_retrieve.py", [
             *data, "--run", run_dir, "--split", a.val_split, "--random", "2",
             *(["--query-text", "a small red circle to the left of a blue square"] if a.demo else [])])
-    from .embed import load_embeddings
+    return _summary(a, runs, results, figures, time.perf_counter() - t_start)
 
-    img, txt, rows, _, _ = load_embeddings(runs / f"{MODELS[0][1]}_{MODELS[0][2]}", a.val_split)
+
+def _summary(a, runs: Path, results: dict, figures: dict, wall: float) -> dict:
+    """The table of every model against chance; ``summary.txt`` and ``summary.json``, each written whole."""
+    from .outputs import tmp_path, write_bytes, write_json
+
+    img, txt, rows, _, _ = embed.load_embeddings(runs / f"{MODELS[0][1]}_{MODELS[0][2]}", a.val_split)
     chance = chance_level(rows, len(img))
     table_rows = {**{f"{n} ({'fastText' if 'fasttext' in n else 'BERT'})": m for n, m in results.items()},
                   "chance (random vectors)": chance}
     table = summary_table(table_rows)
-    wall = time.perf_counter() - t_start
     header = (f"Results on {a.val_split} ({len(img)} images, {len(txt)} captions), models trained on "
               f"{a.train_split}; image encoder {a.image_encoder}")
     summary = {"header": header, "table": table, "wall_s": round(wall, 1), "results": results, "chance": chance,
                "figures": {k: [str(p) for p in v] for k, v in figures.items()}}
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / "summary.json").write_text(json.dumps(summary, indent=1))
-    (runs / "summary.txt").write_text(f"{header}\n{table}\n")
+    text_file = runs / "summary.txt"
+    write_bytes(tmp_path(text_file), f"{header}\n{table}\n".encode())
+    os.replace(tmp_path(text_file), text_file)
+    write_json(runs / "summary.json", summary)
     print()
     print(header)
     print(table)

@@ -8,6 +8,7 @@ Metrics are exact (:mod:`crossmodal.metrics`); top-k lists come from the Faiss i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from .cli import (
 from .embed import embedding_paths, load_embeddings
 from .errors import DataError, FeatureError
 from .index import load_index, search
-from .outputs import append_jsonl, check, locked, publish, read_sidecar, save_npy, tmp_path
+from .outputs import append_jsonl, check, locked, publish, read_jsonl, read_sidecar, save_npy, tmp_path
 from .protocols import (
     ECCV_TABLE_KEYS,
     PROTOCOL_HELP,
@@ -94,18 +95,34 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
         saved = run_dir / "retrieval" / f"{stem}_metrics.json"
         job = {"direction": direction, "protocol": a.protocol, "k": a.k,  # inputs: embeddings and indexes
                "inputs": {n: r["sha256"] for m in (im, tm) for n, r in m["files"].items()}}
+        figure = run_dir / "figures" / f"pr_{stem}.png" if a.protocol != "1k" else None  # 1k: no curve
         with locked(saved, what=f"scores {saved}"):
-            if check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k")):
+            fresh = check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k"))
+            if fresh and figure is not None and not figure.is_file():
+                log.info("%s is missing: scoring again", figure)
+                fresh = False
+            if fresh:
                 log.info("%s is up to date: skipped (--force recomputes)", saved)
                 record = read_sidecar(saved)
             else:
-                record = _score(a, direction, run_dir, stem, emb, saved, job)
+                record = _score(a, direction, run_dir, stem, emb, saved, job, figure)
+            _log_result(run_dir / "results.jsonl", record)
     print(_table(run_dir, direction, a, record))
     return record
 
 
-def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path, job: dict) -> dict:
-    """Exact metrics, Faiss top-k lists and the PR curve of one direction; published with ``saved``."""
+def _log_result(results: Path, record: dict) -> None:
+    """The evaluation's row in the run's ``results.jsonl``, unless it is there already (a rerun
+    after a kill between publishing the scores and appending the row adds it once)."""
+    row = json.loads(json.dumps({k: v for k, v in record.items() if k not in ("job", "files")}))
+    if row not in read_jsonl(results):
+        append_jsonl(results, row)
+
+
+def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path, job: dict,
+           figure: Path | None) -> dict:
+    """Exact metrics, Faiss top-k lists and the PR curve of one direction. The curve's figure is
+    drawn first, then the lists and ``saved`` are published: finished scores always have their figure."""
     img, txt, rows, im, tm = emb
     t0 = time.perf_counter()
     m = evaluate_split(img, txt, rows, im["ids"], tm["ids"], tm["image_ids"], a.protocol, split=a.split,
@@ -123,14 +140,12 @@ def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path,
         save_npy(tmp_path(final), arr)
     record = {"type": "eval", "direction": direction, "split": a.split, "protocol": a.protocol,
               "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m}
-    record = publish(saved, dict(record, job=job), {f: tmp_path(f) for f in files})
-    append_jsonl(run_dir / "results.jsonl", {k: v for k, v in record.items() if k not in ("job", "files")})
-    if curve is not None:
+    if curve is not None and figure is not None:
         from .figures import pr_curves
 
-        pr_curves({f"{run_dir.name} {direction}": curve}, run_dir / "figures" / f"pr_{stem}.png",
-                  title=f"{direction}, {a.split} ({len(queries)} queries)")
-    return record
+        pr_curves({f"{run_dir.name} {direction}": curve}, figure, title=f"{direction}, {a.split} ({len(queries)} "
+                                                                         "queries)")
+    return publish(saved, dict(record, job=job), {f: tmp_path(f) for f in files})
 
 
 def _table(run_dir: Path, direction: str, a, record: dict) -> str:

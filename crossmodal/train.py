@@ -26,6 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import (  # noqa: F401 (heads_from_checkpoint: re-exported for embed, serve, retrieve)
+    check_features_fit,
+    encoder_identity,
+    heads_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .cli import (
     add_run_args,
     code_version,
@@ -36,6 +43,7 @@ from .cli import (
     positive_int,
     probability,
     resolve_device,
+    run_name,
     setup_logging,
     split_name,
 )
@@ -44,18 +52,23 @@ from .errors import DataError, FeatureError, ModelError
 from .heads import ProjectionHead, hardest_negative_loss, infonce_loss, random_negative_loss
 from .metrics import evaluate
 from .outputs import (
-    OutputConflictError,
     append_jsonl,
-    diff,
-    file_record,
     locked,
-    matches_record,
-    read_jsonl,
     read_sidecar,
     remove,
-    save_torch,
-    tmp_path,
     write_json,
+)
+from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_results: re-exported)
+    check_disjoint,
+    check_text_model,
+    feature_digest,
+    finish,
+    plot_results,
+    read_results,
+    resume_point,
+    run_files,
+    run_record,
+    start_state,
 )
 from .store import check_split, feature_path, load_features
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
@@ -66,13 +79,7 @@ DEFAULT_NEGATIVES = "random"  # chosen by 5-fold CV on real images (bench/cv_def
 DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2, "sum": 0.2, "infonce": 0.0}  # infonce: unused
 NEGATIVES = ("random", "hardest", "sum", "infonce")
 # arguments that do not change what is trained
-_RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", "max_ram_gb", "features_dir",
-             "features_dir_from_run")
 
-
-def encoder_identity(meta: dict) -> dict:
-    """What makes two feature files interchangeable: encoder, settings, weights and dim."""
-    return {k: meta.get(k) for k in ("kind", "encoder", "settings", "weights", "dim")}
 
 
 @dataclass
@@ -159,7 +166,7 @@ def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p.add_argument("--image-encoder", default="effnet-lite0")
     p.add_argument("--text-encoder", default=text_encoder, choices=["fasttext", "bert"])
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--name", default=None, help=f"run name (default {direction}_{text_encoder})")
+    p.add_argument("--name", default=None, type=run_name, help=f"run name (default {direction}_{text_encoder})")
     p.add_argument("--direction", default=direction, choices=["img2text", "text2img", "both"])
     p.add_argument("--negatives", default=DEFAULT_NEGATIVES, choices=NEGATIVES,
                    help="random: one sampled negative, TripletMarginLoss (the seed's recipe); "
@@ -293,139 +300,6 @@ class Trainer:
             self.sched.load_state_dict(ck["scheduler"])
 
 
-def _save(obj: dict, path: Path) -> None:
-    """A checkpoint, whole or not at all (temporary name, then rename); a full disk is one line."""
-    tmp = tmp_path(path)
-    save_torch(tmp, obj)
-    os.replace(tmp, path)
-
-
-CHECKPOINT_KEYS = ("img_head", "txt_head", "head_config", "args", "epoch", "img_features", "txt_features")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A run's checkpoint, loaded safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} does not exist (train the model first)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise ModelError(f"checkpoint {path} cannot be loaded safely: {e}") from e
-    if not isinstance(ck, dict):
-        raise ModelError(f"checkpoint {path} is not a run's checkpoint (a {type(ck).__name__}, not a dict)")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
-    if not missing and not all(k in (ck["head_config"] or {}) for k in ("img", "txt")):
-        missing = ["head_config.img/txt"]
-    if missing:
-        raise ModelError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint written by this "
-                         "project's training scripts (retrain, or pass another --checkpoint)")
-    return ck
-
-
-def heads_from_checkpoint(ck: dict) -> tuple[ProjectionHead, ProjectionHead]:
-    img = ProjectionHead(**ck["head_config"]["img"])
-    txt = ProjectionHead(**ck["head_config"]["txt"])
-    img.load_state_dict(ck["img_head"])
-    txt.load_state_dict(ck["txt_head"])
-    return img.eval(), txt.eval()
-
-
-def check_features_fit(ck: dict, img_meta: dict, txt_meta: dict, where: str) -> None:
-    """Refuse features of another encoder, settings or dim than the checkpoint was trained on."""
-    for key, meta, what in (("img_features", img_meta, "image"), ("txt_features", txt_meta, "caption")):
-        want, got = ck[key], encoder_identity(meta)
-        if want != got:
-            diff = [k for k in want if want.get(k) != got.get(k)]
-            raise FeatureError(
-                f"{what} features {where} differ from the checkpoint's in {', '.join(diff)}: checkpoint "
-                f"{want['encoder']} dim {want['dim']}, features {got['encoder']} dim {got['dim']}")
-
-
-def _plot(results: list[dict], path: Path) -> None:
-    from .figures import training_curves
-
-    training_curves(results, path)
-
-
-def feature_digest(meta: dict, npy: Path) -> str:
-    """The content digest of a loaded feature file, from its (verified) sidecar."""
-    return meta["files"][Path(npy).name]["sha256"]
-
-
-def check_disjoint(ids_a, ids_b, what_a: str, what_b: str, advice: str) -> None:
-    """Refuse two id sets that share anything: the error names both and the number shared."""
-    shared = np.intersect1d(np.asarray(ids_a, dtype=np.int64), np.asarray(ids_b, dtype=np.int64))
-    if len(shared):
-        raise DataError(f"{what_a} and {what_b} share {len(shared)} images (e.g. ids {shared[:3].tolist()}): "
-                        f"{advice}")
-
-
-def check_text_model(txt_meta: dict, train_image_ids, train_split: str, txt_npy: Path) -> None:
-    """Refuse caption features whose fastText model saw captions of images outside the training split."""
-    seen = txt_meta.get("text_model_train_image_ids")
-    if seen is None:
-        return
-    outside = np.setdiff1d(np.asarray(seen, dtype=np.int64), np.asarray(train_image_ids, dtype=np.int64))
-    if len(outside):
-        raise DataError(
-            f"the fastText model behind {txt_npy} was trained on captions of {len(outside)} images outside the "
-            f"training split {train_split!r} (e.g. ids {outside[:3].tolist()}): re-make the caption features with "
-            f"--fasttext-train-split {train_split} --force")
-
-
-def run_record(a, name: str, train: Pairs, val: Pairs, paths: dict) -> dict:
-    """What a run is: every argument that changes training, and the content of its features."""
-    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY}
-    record["name"] = name
-    record["features"] = {k: feature_digest(m, paths[k]) for k, m in (
-        ("train_img", train.img_meta), ("train_txt", train.txt_meta), ("val_img", val.img_meta),
-        ("val_txt", val.txt_meta))}
-    return record
-
-
-def read_results(path: Path, upto_epoch: int | None = None) -> list[dict]:
-    """The epoch rows of a run's ``results.jsonl``, the last one written for each epoch (a resumed
-    run appends the epochs it redoes), up to ``upto_epoch``."""
-    rows = {}
-    for r in read_jsonl(path):
-        if r.get("type") == "epoch" and (upto_epoch is None or r.get("epoch", 1 << 30) <= upto_epoch):
-            rows[r["epoch"]] = r
-    return [rows[e] for e in sorted(rows)]
-
-
-def _run_files(out: Path) -> dict[str, Path]:
-    return {"args": out / "args.json", "done": out / "done.json", "last": out / "last.pt", "best": out / "best.pt",
-            "results": out / "results.jsonl"}
-
-
-def _start_state(a, out: Path, record: dict) -> str:
-    """What to do with the run folder: ``done`` (skip), ``resume``, or ``fresh``. Refuses a folder
-    that holds work of other arguments unless ``--force``; ``--force`` clears it."""
-    f = _run_files(out)
-    if a.force:
-        if any(p.exists() for p in f.values()):
-            log.info("--force: %s starts afresh (its checkpoints, results, embeddings and scores are removed)", out)
-        remove(*f.values(), out / "embeddings", out / "retrieval")
-        return "fresh"
-    old = read_sidecar(f["args"])
-    has_work = f["last"].exists() or f["best"].exists() or f["done"].exists()
-    if old is not None and old != record and has_work:
-        changes = diff(old, record)
-        raise OutputConflictError(
-            f"run {out} holds a model trained with other arguments or features ({'; '.join(changes[:4])}"
-            f"{'; ...' if len(changes) > 4 else ''}): pass --name NEW for a separate run, or --force to retrain "
-            "this one from scratch")
-    if a.resume and not f["last"].is_file():
-        raise ModelError(f"--resume: {f['last']} does not exist")
-    if old != record:
-        return "fresh"
-    done = read_sidecar(f["done"])
-    if done and not a.resume and f["best"].is_file() and matches_record(f["best"], done.get("best_file", {})):
-        return "done"
-    return "resume" if f["last"].is_file() else "fresh"
-
-
 def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") -> dict:
     a = build_parser(direction, text_encoder).parse_args(argv)
     setup_logging(a.verbose)
@@ -449,7 +323,8 @@ def run(argv=None, direction: str = "img2text", text_encoder: str = "fasttext") 
         return _train(a, name, out, paths)
 
 
-def _train(a, name: str, out: Path, paths: dict) -> dict:
+def _load_checked_pairs(a, paths: dict) -> tuple[Pairs, Pairs]:
+    """Both splits' features, refused when they leak into each other or do not fit together."""
     train = load_pairs(paths["train_img"], paths["train_txt"], a.train_split, a.max_ram_gb)
     val = load_pairs(paths["val_img"], paths["val_txt"], a.val_split, a.max_ram_gb)
     for kind, tm, vm in (("image", train.img_meta, val.img_meta), ("caption", train.txt_meta, val.txt_meta)):
@@ -461,35 +336,45 @@ def _train(a, name: str, out: Path, paths: dict) -> dict:
                    f"validation split {a.val_split!r}", "validate on images the model does not train on")
     for pairs, key in ((train, "train_txt"), (val, "val_txt")):
         check_text_model(pairs.txt_meta, train.img_meta["ids"], a.train_split, paths[key])
+    return train, val
+
+
+def _train(a, name: str, out: Path, paths: dict) -> dict:
+    train, val = _load_checked_pairs(a, paths)
     record = run_record(a, name, train, val, paths)
-    f = _run_files(out)
-    state = _start_state(a, out, record)
+    f = run_files(out)
+    state = start_state(a, out, record)
     if state == "done":
+        done = read_sidecar(f["done"])
+        if not f["plot"].is_file():  # the figure alone was lost: redraw it from the results
+            plot_results(read_results(f["results"], upto_epoch=done.get("epochs_run", 0) - 1), f["plot"])
         log.info("%s is trained with these arguments and features: skipped (--force retrains)", out)
-        return read_sidecar(f["done"])
+        return done
+    ck = resume_point(f, record) if state == "resume" else None
+    if ck is None:
+        remove(f["done"], f["last"], f["best"], f["results"], f["plot"])
     device = resolve_device(a.device)
     trainer = Trainer(a, train, val, device)
     trainer.record = record
-    start, best = 0, {"rsum": -1.0, "epoch": -1}
-    if state == "resume":
-        ck = load_checkpoint(f["last"])
+    start, best, best_on_disk = 0, {"rsum": -1.0, "epoch": -1}, -1
+    if ck is not None:
         check_features_fit(ck, train.img_meta, train.txt_meta, f"in {a.features_dir}")
         trainer.load_state(ck)
-        start, best = ck["epoch"] + 1, ck["best"]
+        start, best, best_on_disk = ck["epoch"] + 1, ck["best"], ck["best_on_disk"]
         log.info("resuming %s after epoch %d (best rsum %.1f at epoch %d)", out, start - 1, best["rsum"], best["epoch"])
-    else:
-        remove(f["done"], f["last"], f["best"])
     write_json(f["args"], record)
     log.info("training %s: %d captions / %d images, val %d / %d, %s negatives (margin %.2f), %s on %s",
              name, len(train.txt), len(train.img), len(val.txt), len(val.img), a.negatives, trainer.margin,
              a.direction, device)
-    since_best = 0 if start == 0 else start - 1 - best["epoch"]
-    for epoch in range(start, a.epochs):
+    last_epoch, since_best = start - 1, 0 if start == 0 else start - 1 - best["epoch"]
+    stopped = bool(a.patience) and start > 0 and since_best >= a.patience  # stopped early before the kill
+    for epoch in range(start, a.epochs) if not stopped else ():
         t0 = time.perf_counter()
         loss = trainer.train_epoch(epoch)
         t_train = time.perf_counter() - t0
         if not math.isfinite(loss):
-            raise ModelError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+            raise ModelError(f"training diverged at epoch {epoch} (loss {loss}): lower --lr (a new --name, or "
+                             "--force to retrain this run)")
         val_m = trainer.validate()
         row = {"type": "epoch", "epoch": epoch, "loss": loss, "lr": trainer.opt.param_groups[0]["lr"],
                "train_s": round(t_train, 3), **{f"val_{k}": v for k, v in val_m.items()}}
@@ -497,22 +382,16 @@ def _train(a, name: str, out: Path, paths: dict) -> dict:
         improved = val_m["rsum"] > best["rsum"]
         if improved:
             best = {"rsum": val_m["rsum"], "epoch": epoch, **{f"val_{k}": v for k, v in val_m.items()}}
-            _save(trainer.state(epoch, best), f["best"])
-            since_best = 0
+            save_checkpoint(trainer.state(epoch, best), f["best"])
+            best_on_disk, since_best = epoch, 0
         else:
             since_best += 1
-        _save(trainer.state(epoch, best), f["last"])
+        save_checkpoint(trainer.state(epoch, best), f["last"])
+        last_epoch = epoch
         if not a.no_progress:
             log.info("epoch %3d  loss %.4f  val R@1 i2t %5.1f t2i %5.1f  rsum %6.1f%s", epoch, loss,
                      val_m["img2text_R@1"], val_m["text2img_R@1"], val_m["rsum"], "  *" if improved else "")
         if a.patience and since_best >= a.patience:
             log.info("early stop: no better rsum for %d epochs", a.patience)
             break
-    results = read_results(f["results"], upto_epoch=epoch)
-    _plot(results, out / "figures" / "training.png")
-    summary = {"name": name, "run_dir": str(out), "best": best, "epochs_run": len(results),
-               "checkpoint": str(f["best"]), "best_file": file_record(f["best"])}
-    write_json(f["done"], summary)
-    log.info("best epoch %d: rsum %.1f, R@1 i2t %.1f t2i %.1f -> %s", best["epoch"], best["rsum"],
-             best.get("val_img2text_R@1", float("nan")), best.get("val_text2img_R@1", float("nan")), f["best"])
-    return summary
+    return finish(name, out, f, best, best_on_disk, last_epoch)
