@@ -22,7 +22,7 @@ from .cli import code_version, existing_dir, int_in_range, positive_int, setup_l
 from .errors import FeatureError, ModelError
 from .index import INDEX_KINDS, build_index, describe, index_bytes
 from .outputs import check, locked, publish, save_npy, tmp_path, write_bytes
-from .store import feature_path, file_digest, load_features, read_meta, sidecar_path
+from .store import feature_path, file_digest, load_features, read_meta, rows_digest, sidecar_path
 from .train import (
     check_disjoint,
     check_features_fit,
@@ -138,6 +138,7 @@ def _embed(a, run_dir: Path, ck_path: Path, ck: dict, pairs, img_npy: Path, txt_
         write_bytes(tmp_index, index_bytes(index))
         meta = dict(metas[k], job=dict(job, kind=k), index=describe(index), count=len(emb), dim=emb.shape[1],
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        meta["rows_sha256"] = rows_digest(meta)  # readers refuse id lists reordered or edited since
         publish(sidecar_path(out[k]), meta, {out[k]: tmp_npy, out[f"{k}_index"]: tmp_index})
         log.info("index %s: %s", out[f"{k}_index"], describe(index))
     log.info("embeddings: %d images, %d captions (dim %d) -> %s", len(embs["img"]), len(embs["text"]),

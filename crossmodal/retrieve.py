@@ -190,7 +190,8 @@ def text_encoder_from_sidecar(features_meta: dict, features_path: str | Path | N
 
     w, s = features_meta["weights"], features_meta["settings"]
     if features_meta["encoder"] != "fasttext":
-        return BertEncoder(w["model"], pooling=s["pooling"], max_length=s["max_length"])
+        return BertEncoder(w["model"], pooling=s["pooling"], max_length=s["max_length"],
+                           precision=s.get("precision", "fp32"))  # int8 features: queries encoded the same way
     rel = Path(features_meta.get("text_model_path") or w["file"])
     model = rel if rel.is_absolute() or features_path is None else Path(features_path).parent / rel
     if not model.is_file():

@@ -156,3 +156,25 @@ def test_figures_killed_half_way_end_as_uninterrupted(trained, small_root, tmp_p
     got = {p.name: p.read_bytes() for p in figures_main(["--run", str(run), *argv])}
     assert got == want and len(got) == 4
     assert not [p for p in (run / "figures").iterdir() if ".tmp" in p.name]
+
+
+def test_embeddings_whose_ids_were_reordered_are_refused(trained, tmp_path):
+    """Reordered ids in an embedding sidecar would silently score every query against the wrong
+    truth (img2text R@1 from 23 to 0); the rows digest recorded at publication refuses them."""
+    from crossmodal.embed import embedding_paths, load_embeddings
+    from crossmodal.errors import FeatureError
+
+    run = _fresh_copy(trained, tmp_path / "run")
+    embed_main(["--run", str(run), "--split", "val"])
+    img, txt, rows, im, tm = load_embeddings(run, "val")  # accepted as published
+    assert len(set(im["ids"])) == len(im["ids"]) > 1
+    for kind, key in (("img", "ids"), ("text", "image_ids")):
+        sidecar = embedding_paths(run, "val")[kind].with_suffix(".json")
+        meta = json.loads(sidecar.read_text())
+        good = sidecar.read_text()
+        meta[key] = meta[key][::-1]
+        sidecar.write_text(json.dumps(meta))
+        with pytest.raises(FeatureError, match=f"{sidecar.stem}.npy.*(not the ones|reordered|ids)"):
+            load_embeddings(run, "val")
+        sidecar.write_text(good)
+    assert np.array_equal(load_embeddings(run, "val")[0], img)
