@@ -134,14 +134,16 @@ def existing_dir(text: str) -> str:
     return text
 
 
-# Unicode categories that print nothing: separators (Z*), controls and format characters such as the
-# zero-width space (Cc, Cf), unassigned and private-use code points (Cn, Co), surrogates (Cs).
-_INVISIBLE = ("Z", "Cc", "Cf", "Cn", "Co", "Cs")
+# Unicode categories that print nothing on their own: separators (Z*), controls and format characters
+# such as the zero-width space (Cc, Cf), unassigned and private-use code points (Cn, Co), surrogates
+# (Cs), and combining marks (M*), which only decorate a base character.
+_INVISIBLE = ("Z", "Cc", "Cf", "Cn", "Co", "Cs", "M")
 
 
 def has_visible_text(text) -> bool:
-    """True when ``text`` is a string with at least one printing character (Unicode-aware: a caption of
-    zero-width spaces or no-break spaces alone has none)."""
+    """True when ``text`` is a string with at least one printing character: a letter, digit,
+    punctuation or symbol (Unicode-aware: zero-width spaces, no-break spaces or combining accents
+    alone are none)."""
     import unicodedata
 
     return isinstance(text, str) and any(not unicodedata.category(c).startswith(_INVISIBLE) for c in text)
