@@ -15,9 +15,13 @@ ids in the same row order (checked, naming the first member that differs).
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from .errors import FeatureError
+from .errors import DataError, FeatureError
 
 #: What every member must share, with the words of the refusal.
 _SAME = (("split", "split"), ("ids", "image ids"), ("caption_ids", "caption ids"), ("image_ids", "caption image ids"))
@@ -36,7 +40,7 @@ def combine(members: list[tuple], names: list[str]) -> tuple:
     errors and in the result. Returns the same 5-tuple for the ensemble: embeddings
     ``(N_img, D)``, ``(N_cap, D)`` with ``D = sum d_m``, float32, whose inner products are the
     members' averaged similarities; the sidecars of the first member with ``members`` (names,
-    checkpoints) and ``dim`` set. A single member is returned unchanged."""
+    checkpoints, the digests of their embedding files) and ``dim`` set. A single member is returned unchanged."""
     if not members:
         raise FeatureError("an ensemble needs at least one run")
     if len(members) != len(names):
@@ -55,7 +59,9 @@ def combine(members: list[tuple], names: list[str]) -> tuple:
     img = np.concatenate([np.asarray(m[0], dtype=np.float32) for m in members], axis=1) * scale
     text = np.concatenate([np.asarray(m[1], dtype=np.float32) for m in members], axis=1) * scale
     described = [{"run": name, "checkpoint": m[3].get("checkpoint"), "epoch": m[3].get("epoch"),
-                  "dim": int(np.asarray(m[0]).shape[1])} for m, name in zip(members, names, strict=True)]
+                  "dim": int(np.asarray(m[0]).shape[1]),
+                  "files": {n: r["sha256"] for meta in m[3:5] for n, r in meta.get("files", {}).items()}}
+                 for m, name in zip(members, names, strict=True)]
     im = dict(members[0][3], run="+".join(names), members=described, dim=int(img.shape[1]))
     tm = dict(members[0][4], run="+".join(names), members=described, dim=int(text.shape[1]))
     return np.ascontiguousarray(img), np.ascontiguousarray(text), members[0][2], im, tm
@@ -69,3 +75,54 @@ def averaged_similarity(members: list[tuple]) -> np.ndarray:
     for m in members:
         total = total + np.asarray(m[0], np.float64) @ np.asarray(m[1], np.float64).T
     return total / len(members)
+
+
+@dataclass
+class Scored:
+    """What a scoring script works on: one run, or an ensemble of runs.
+
+    ``folder``: where its scores go (the run folder itself, or an ensemble folder beside the first
+    run); ``label``: its name in tables; ``emb``: the 5-tuple of :func:`combine`."""
+
+    folder: Path
+    label: str
+    run_dirs: list[Path]
+    emb: tuple
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.run_dirs) > 1
+
+
+def ensemble_dir(run_dirs: list[Path]) -> Path:
+    """``<first run's parent>/ensemble_<name1>+<name2>...`` (a digest of the names when too long)."""
+    import hashlib
+
+    names = "+".join(p.name for p in run_dirs)
+    if len(names.encode()) > 200:
+        names = f"{len(run_dirs)}runs_" + hashlib.sha256(names.encode()).hexdigest()[:16]
+    return run_dirs[0].parent / f"ensemble_{names}"
+
+
+@contextlib.contextmanager
+def opened(run_dirs, split: str, out: str | Path | None = None):
+    """Hold every run's shared lock (no retraining under the scores) and yield a :class:`Scored`
+    for their embeddings of ``split``: one run as it is, several combined by :func:`combine`."""
+    from .embed import load_embeddings
+    from .outputs import locked
+
+    run_dirs = [Path(r) for r in run_dirs]
+    seen = [r.resolve() for r in run_dirs]
+    dupes = sorted({str(r) for r in run_dirs if seen.count(r.resolve()) > 1})
+    if dupes:
+        raise DataError(f"--run {dupes[0]} is given twice: an ensemble's members are different runs")
+    if out is not None and len(run_dirs) == 1:
+        raise DataError(f"--out {out} names an ensemble's folder: give two or more --run (one run's scores "
+                        "go into its own folder)")
+    with contextlib.ExitStack() as stack:
+        for r in run_dirs:
+            stack.enter_context(locked(r / "run", shared=True, what=f"run {r}"))
+        names = [r.name for r in run_dirs]
+        emb = combine([load_embeddings(r, split) for r in run_dirs], names)
+        folder = run_dirs[0] if len(run_dirs) == 1 else Path(out) if out else ensemble_dir(run_dirs)
+        yield Scored(folder, "+".join(names), run_dirs, emb)

@@ -26,8 +26,9 @@ from .cli import (
     split_name,
 )
 from .embed import embedding_paths, load_embeddings
+from .ensemble import opened
 from .errors import DataError, FeatureError
-from .index import load_index, search
+from .index import build_index, load_index, search
 from .outputs import append_jsonl, check, locked, publish, read_jsonl, read_sidecar, save_npy, tmp_path
 from .protocols import (
     ECCV_TABLE_KEYS,
@@ -47,8 +48,12 @@ TABLE_KEYS = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10", "medr", "meanr")
 
 
 def metrics_parser(direction: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=f"Score {direction} retrieval of a trained run.")
-    p.add_argument("--run", required=True, type=existing_dir, help="a training run folder, runs/<name>")
+    p = argparse.ArgumentParser(description=f"Score {direction} retrieval of a trained run, or of an ensemble.")
+    p.add_argument("--run", required=True, type=existing_dir, action="append",
+                   help="a training run folder, runs/<name>; repeat it to score an ensemble (the runs' similarities "
+                        "averaged; they must embed the same split with the same ids)")
+    p.add_argument("--out", default=None,
+                   help="an ensemble's folder for its scores (default: ensemble_<name>+<name> beside the first run)")
     p.add_argument("--split", default="val", type=split_name)
     p.add_argument("--protocol", default="full", choices=PROTOCOLS,
                    help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_HELP.items())
@@ -87,15 +92,16 @@ def format_table(rows: dict[str, dict], keys=TABLE_KEYS, title: str = "", publis
 def run_metrics(argv=None, direction: str = "img2text") -> dict:
     a = metrics_parser(direction).parse_args(argv)
     setup_logging(a.verbose)
-    run_dir = Path(a.run)
-    with locked(run_dir / "run", shared=True, what=f"run {run_dir}"):  # no retraining while scoring
-        emb = load_embeddings(run_dir, a.split)  # refused when not made from the run's checkpoint
-        im, tm = emb[3], emb[4]
+    with opened(a.run, a.split, a.out) as scored:  # refused when not made from the runs' checkpoints
+        im, tm = scored.emb[3], scored.emb[4]
         stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
-        saved = run_dir / "retrieval" / f"{stem}_metrics.json"
+        saved = scored.folder / "retrieval" / f"{stem}_metrics.json"
+        members = im.get("members", [])
+        inputs = {f"{m['run']}/{n}": sha for m in members for n, sha in m["files"].items()} if members else {
+            n: r["sha256"] for m in (im, tm) for n, r in m["files"].items()}
         job = {"direction": direction, "protocol": a.protocol, "k": a.k,  # inputs: embeddings and indexes
-               "inputs": {n: r["sha256"] for m in (im, tm) for n, r in m["files"].items()}}
-        figure = run_dir / "figures" / f"pr_{stem}.png" if a.protocol != "1k" else None  # 1k: no curve
+               "inputs": inputs, **({"members": [m["run"] for m in members]} if members else {})}
+        figure = scored.folder / "figures" / f"pr_{stem}.png" if a.protocol != "1k" else None  # 1k: no curve
         with locked(saved, what=f"scores {saved}"):
             fresh = check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k"))
             if fresh and figure is not None and not figure.is_file():
@@ -105,9 +111,9 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
                 log.info("%s is up to date: skipped (--force recomputes)", saved)
                 record = read_sidecar(saved)
             else:
-                record = _score(a, direction, run_dir, stem, emb, saved, job, figure)
-            _log_result(run_dir / "results.jsonl", record)
-    print(_table(run_dir, direction, a, record))
+                record = _score(a, direction, scored, stem, saved, job, figure)
+            _log_result(scored.folder / "results.jsonl", record)
+    print(_table(scored.label, direction, a, record))
     return record
 
 
@@ -119,20 +125,21 @@ def _log_result(results: Path, record: dict) -> None:
         append_jsonl(results, row)
 
 
-def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path, job: dict,
-           figure: Path | None) -> dict:
+def _score(a, direction: str, scored, stem: str, saved: Path, job: dict, figure: Path | None) -> dict:
     """Exact metrics, Faiss top-k lists and the PR curve of one direction. The curve's figure is
     drawn first, then the lists and ``saved`` are published: finished scores always have their figure."""
-    img, txt, rows, im, tm = emb
+    img, txt, rows, im, tm = scored.emb
     t0 = time.perf_counter()
     m = evaluate_split(img, txt, rows, im["ids"], tm["ids"], tm["image_ids"], a.protocol, split=a.split,
                        directions=(direction,), chunk=a.chunk, with_curves=a.protocol != "1k")
     elapsed = time.perf_counter() - t0
     curve = m.pop(f"{direction}_pr", None)
     m = {k: v for k, v in m.items() if k != "rsum"}
-    paths = embedding_paths(run_dir, a.split)
-    queries, gallery_key = (img, "text_index") if direction == "img2text" else (txt, "img_index")
-    index = load_index(paths[gallery_key], expect_ntotal=len(txt) if direction == "img2text" else len(img))
+    queries, gallery, gallery_key = (img, txt, "text_index") if direction == "img2text" else (txt, img, "img_index")
+    if scored.is_ensemble:  # exact lists over the combined vectors (the members' own indexes cannot give them)
+        index = build_index(gallery, "flat")
+    else:
+        index = load_index(embedding_paths(scored.folder, a.split)[gallery_key], expect_ntotal=len(gallery))
     D, I = search(index, queries, a.k)
     out_dir = saved.parent
     files = {out_dir / f"{stem}_top{a.k}_{name}.npy": arr for name, arr in (("I", I), ("D", D))}
@@ -140,20 +147,22 @@ def _score(a, direction: str, run_dir: Path, stem: str, emb: tuple, saved: Path,
         save_npy(tmp_path(final), arr)
     record = {"type": "eval", "direction": direction, "split": a.split, "protocol": a.protocol,
               "queries": len(queries), "gallery": index.ntotal, "eval_s": round(elapsed, 3), **m}
+    if scored.is_ensemble:
+        record["members"] = im["members"]
     if curve is not None and figure is not None:
         from .figures import pr_curves
 
-        pr_curves({f"{run_dir.name} {direction}": curve}, figure, title=f"{direction}, {a.split} ({len(queries)} "
+        pr_curves({f"{scored.label} {direction}": curve}, figure, title=f"{direction}, {a.split} ({len(queries)} "
                                                                          "queries)")
     return publish(saved, dict(record, job=job), {f: tmp_path(f) for f in files})
 
 
-def _table(run_dir: Path, direction: str, a, record: dict) -> str:
+def _table(label: str, direction: str, a, record: dict) -> str:
     m = {k.split("_", 1)[1]: v for k, v in record.items() if k.startswith(direction + "_")}
     scored = protocol_title(a.protocol, record.get("protocol_info"))
     title = f"{direction} on {a.split} ({a.protocol}): " + (scored or f"{record['queries']} queries, gallery "
                                                                        f"{record['gallery']}")
-    return format_table({run_dir.name: m}, keys=ECCV_TABLE_KEYS if a.protocol == "eccv" else TABLE_KEYS,
+    return format_table({label: m}, keys=ECCV_TABLE_KEYS if a.protocol == "eccv" else TABLE_KEYS,
                         title=title, published=published_rows(a.protocol, direction),
                         notes=table_notes(a.protocol, direction))
 

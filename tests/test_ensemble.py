@@ -156,3 +156,68 @@ def test_ensemble_under_the_1k_5k_and_eccv_protocols(karpathy_members):
         assert m[f"{d}_ECCV_mAP@R"] == pytest.approx(100 * e["eccv_map_at_r"][short[d]], abs=1e-9)
         assert m[f"{d}_ECCV_R-P"] == pytest.approx(100 * e["eccv_rprecision"][short[d]], abs=1e-9)
         assert m[f"{d}_CxC_R@5"] == pytest.approx(100 * ref.cxc_recalls(items, short[d], K=5)[short[d]])
+
+
+@pytest.fixture(scope="module")
+def two_runs(small_root, tmp_path_factory):
+    """Two small runs on one set of features (img2text and text2img heads), embedded on val."""
+    from get_features_captions import main as embed_main
+    from tests.test_runs_common import FAST, features_for, train
+    from text2img import main as t2i_train
+
+    feats = features_for(small_root, tmp_path_factory)
+    runs = tmp_path_factory.mktemp("ens_runs")
+    train(feats, runs, epochs=2)
+    t2i_train(["--features-dir", str(feats), "--runs-dir", str(runs), "--epochs", "2", *FAST])
+    pair = [runs / "img2text_fasttext", runs / "text2img_fasttext"]
+    for r in pair:
+        embed_main(["--run", str(r), "--split", "val"])
+    return pair
+
+
+def test_scripts_score_an_ensemble_as_its_averaged_similarity(two_runs, capsys):
+    """The scripts' numbers and top-k lists are those of :func:`combine` over the runs' stored
+    embeddings (whose equality with the naive averaged-similarity reference is tested above on exact
+    data; trained float embeddings have near-ties that float32 and float64 may order differently)."""
+    from crossmodal.embed import load_embeddings
+    from crossmodal.protocols import exact_topk
+    from retrieve_img2text import main as i2t
+    from retrieve_text2img import main as t2i
+
+    a, b = two_runs
+    members = [load_embeddings(r, "val") for r in two_runs]
+    img, txt, rows, _, _ = combine(members, [a.name, b.name])
+    ref = evaluate(img, txt, rows)
+    assert all(evaluate(*m[:3]) != ref for m in members)  # not one of its members
+    sims = averaged_similarity(members)
+    for direction, script in (("img2text", i2t), ("text2img", t2i)):
+        rec = script(["--run", str(a), "--run", str(b), "--split", "val", "--k", "5"])
+        assert [m["run"] for m in rec["members"]] == [a.name, b.name]
+        for key in ("R@1", "R@5", "R@10", "P@1", "P@5", "mAP", "medr", "meanr"):
+            assert rec[f"{direction}_{key}"] == pytest.approx(ref[f"{direction}_{key}"], abs=1e-12), key
+        out = a.parent / f"ensemble_{a.name}+{b.name}" / "retrieval"
+        top = np.load(out / f"val_{direction}_full_top5_I.npy")
+        q, g = (img, txt) if direction == "img2text" else (txt, img)
+        s = sims if direction == "img2text" else sims.T
+        # the exact top 5 (Faiss orders equal or float32-tied scores, e.g. of identical captions, its own way)
+        np.testing.assert_allclose(np.take_along_axis(s, top, 1), np.take_along_axis(s, exact_topk(q, g, 5), 1),
+                                   atol=1e-6)
+        first = members[0][:2] if direction == "img2text" else members[0][1::-1]
+        assert not np.array_equal(top, exact_topk(*first, 5))  # not the first member's lists
+        # and the lists hold the best averaged similarities (to float32 precision)
+        np.testing.assert_allclose(np.take_along_axis(s, top, 1), -np.sort(-s, axis=1)[:, :5], atol=1e-5)
+        assert f"{a.name}+{b.name}" in capsys.readouterr().out
+        again = script(["--run", str(a), "--run", str(b), "--split", "val", "--k", "5"])  # up to date: same record
+        assert again == rec
+    single = i2t(["--run", str(a), "--split", "val"])
+    assert "members" not in single and (a / "retrieval" / "val_img2text_full_metrics.json").is_file()
+
+
+def test_an_ensemble_of_one_run_twice_is_refused(two_runs):
+    from crossmodal.errors import DataError
+    from retrieve_img2text import main as i2t
+
+    with pytest.raises(DataError, match="given twice"):
+        i2t(["--run", str(two_runs[0]), "--run", str(two_runs[0]), "--split", "val"])
+    with pytest.raises(DataError, match="give two or more --run"):
+        i2t(["--run", str(two_runs[0]), "--out", str(two_runs[0].parent / "x"), "--split", "val"])
