@@ -59,6 +59,7 @@ def combine(members: list[tuple], names: list[str]) -> tuple:
     img = np.concatenate([np.asarray(m[0], dtype=np.float32) for m in members], axis=1) * scale
     text = np.concatenate([np.asarray(m[1], dtype=np.float32) for m in members], axis=1) * scale
     described = [{"run": name, "checkpoint": m[3].get("checkpoint"), "epoch": m[3].get("epoch"),
+                  "features": m[4].get("features"),
                   "dim": int(np.asarray(m[0]).shape[1]),
                   "files": {n: r["sha256"] for meta in m[3:5] for n, r in meta.get("files", {}).items()}}
                  for m, name in zip(members, names, strict=True)]

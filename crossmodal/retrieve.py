@@ -25,7 +25,7 @@ from .cli import (
     setup_logging,
     split_name,
 )
-from .embed import embedding_paths, load_embeddings
+from .embed import embedding_paths
 from .ensemble import opened
 from .errors import DataError, FeatureError
 from .index import build_index, load_index, search
@@ -135,11 +135,8 @@ def _score(a, direction: str, scored, stem: str, saved: Path, job: dict, figure:
     elapsed = time.perf_counter() - t0
     curve = m.pop(f"{direction}_pr", None)
     m = {k: v for k, v in m.items() if k != "rsum"}
-    queries, gallery, gallery_key = (img, txt, "text_index") if direction == "img2text" else (txt, img, "img_index")
-    if scored.is_ensemble:  # exact lists over the combined vectors (the members' own indexes cannot give them)
-        index = build_index(gallery, "flat")
-    else:
-        index = load_index(embedding_paths(scored.folder, a.split)[gallery_key], expect_ntotal=len(gallery))
+    queries, gallery = (img, "text") if direction == "img2text" else (txt, "img")
+    index = _gallery_index(scored, a.split, gallery)
     D, I = search(index, queries, a.k)
     out_dir = saved.parent
     files = {out_dir / f"{stem}_top{a.k}_{name}.npy": arr for name, arr in (("I", I), ("D", D))}
@@ -172,7 +169,8 @@ def _table(label: str, direction: str, a, record: dict) -> str:
 
 def figures_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Figures of queries with their nearest results.")
-    p.add_argument("--run", required=True, type=existing_dir, help="a training run folder, runs/<name>")
+    p.add_argument("--run", required=True, type=existing_dir, action="append",
+                   help="a training run folder, runs/<name>; repeat it for an ensemble (averaged similarities)")
     p.add_argument("--split", default="val", type=split_name)
     p.add_argument("--coco-root", required=True, type=existing_dir, help="the COCO folder the split's images are in")
     p.add_argument("--karpathy-file", default=None, type=existing_file)
@@ -214,19 +212,43 @@ def text_encoder_from_sidecar(features_meta: dict, features_path: str | Path | N
 def run_figures(argv=None) -> list[Path]:
     a = figures_parser().parse_args(argv)
     setup_logging(a.verbose)
-    with locked(Path(a.run) / "run", shared=True, what=f"run {a.run}"):  # no retraining under the figures
-        return _figures(a)
+    with opened(a.run, a.split) as scored:  # no retraining under the figures
+        return _figures(a, scored)
 
 
-def _figures(a) -> list[Path]:
-    from .coco import load_image, load_split
-    from .figures import caption_to_images, image_to_captions
+def _gallery_index(scored, split: str, gallery: str):
+    """The Faiss index over a gallery (``"img"`` or ``"text"``): the run's own, or for an ensemble an
+    exact flat index over the combined vectors (the members' indexes cannot rank averaged similarities)."""
+    emb = scored.emb[0] if gallery == "img" else scored.emb[1]
+    if scored.is_ensemble:
+        return build_index(emb, "flat")
+    return load_index(embedding_paths(scored.folder, split)[f"{gallery}_index"], expect_ntotal=len(emb))
+
+
+def _encode_sentences(scored, sentences: list[str]) -> np.ndarray:
+    """Typed sentences in the common space: ``(len(sentences), D)``, each member's caption encoder
+    and head, concatenated and scaled as :func:`crossmodal.ensemble.combine` does."""
+    import torch
+
     from .store import load_features
     from .train import heads_from_checkpoint, load_checkpoint
 
-    run_dir = Path(a.run)
-    out = Path(a.out) if a.out else run_dir / "figures"
-    img, txt, rows, im, tm = load_embeddings(run_dir, a.split)
+    parts = []
+    for run_dir, member in zip(scored.run_dirs, scored.emb[4].get("members") or [scored.emb[4]], strict=True):
+        _, txt_head = heads_from_checkpoint(load_checkpoint(run_dir / member["checkpoint"]))  # run-relative paths
+        features = run_dir / member["features"]
+        enc = text_encoder_from_sidecar(load_features(features)[1], features)
+        with torch.inference_mode():
+            parts.append(txt_head(torch.from_numpy(enc.encode(sentences))).numpy())
+    return np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))
+
+
+def _figures(a, scored) -> list[Path]:
+    from .coco import load_image, load_split
+    from .figures import caption_to_images, image_to_captions
+
+    out = Path(a.out) if a.out else scored.folder / "figures"
+    img, txt, rows, im, tm = scored.emb
     split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=True)
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
@@ -236,7 +258,6 @@ def _figures(a) -> list[Path]:
     if unknown:
         raise DataError(f"{len(unknown)} of the {len(img_ids)} images embedded for split {a.split!r} are not in "
                         f"{split.source} (first ids {unknown[:3]}): wrong --coco-root or --split?")
-    paths = embedding_paths(run_dir, a.split)
     rng = np.random.default_rng(a.seed)
     written = []
 
@@ -245,7 +266,7 @@ def _figures(a) -> list[Path]:
 
     directions = ("img2text", "text2img") if a.direction == "both" else (a.direction,)
     if "img2text" in directions:
-        index = load_index(paths["text_index"], len(txt))
+        index = _gallery_index(scored, a.split, "text")
         qrows = [_row_of(img_ids, q, "image") for q in a.query_id if a.direction != "text2img"]
         qrows += rng.choice(len(img), size=min(a.random, len(img)), replace=False).tolist()
         D, I = search(index, img[qrows], a.k) if qrows else (None, None)
@@ -255,7 +276,7 @@ def _figures(a) -> list[Path]:
                 image_of(r), f"query image {img_ids[r]}", caps, D[n].tolist(), [rows[j] == r for j in I[n]],
                 out / f"img2text_{safe_split_name(a.split)}_{img_ids[r]}.png"))
     if "text2img" in directions:
-        index = load_index(paths["img_index"], len(img))
+        index = _gallery_index(scored, a.split, "img")
         queries = []  # (title, vector, true image row or None, file stem)
         for q in (a.query_id if a.direction == "text2img" else []):
             r = _row_of(cap_ids, q, "caption")
@@ -263,14 +284,7 @@ def _figures(a) -> list[Path]:
         for r in rng.choice(len(txt), size=min(a.random, len(txt)), replace=False).tolist():
             queries.append((cap_text.get(int(cap_ids[r]), "?"), txt[r], rows[r], f"cap{cap_ids[r]}"))
         if a.query_text:
-            ck = load_checkpoint(run_dir / tm["checkpoint"])  # sidecar paths are relative to the run folder
-            _, txt_head = heads_from_checkpoint(ck)
-            features = run_dir / tm["features"]
-            enc = text_encoder_from_sidecar(load_features(features)[1], features)
-            import torch
-
-            with torch.inference_mode():
-                vecs = txt_head(torch.from_numpy(enc.encode(a.query_text))).numpy()
+            vecs = _encode_sentences(scored, a.query_text)
             for k, (sentence, v) in enumerate(zip(a.query_text, vecs, strict=True)):
                 queries.append((sentence, v, None, f"text{k}"))
         for title, vec, true_row, stem in queries:

@@ -221,3 +221,26 @@ def test_an_ensemble_of_one_run_twice_is_refused(two_runs):
         i2t(["--run", str(two_runs[0]), "--run", str(two_runs[0]), "--split", "val"])
     with pytest.raises(DataError, match="give two or more --run"):
         i2t(["--run", str(two_runs[0]), "--out", str(two_runs[0].parent / "x"), "--split", "val"])
+
+
+def test_figures_of_an_ensemble_and_its_typed_queries(two_runs, small_root):
+    """A typed sentence goes through every member's caption encoder and head: a val caption typed in
+    lands on its own stored ensemble vector, and the figures go to the ensemble's folder."""
+    from crossmodal.coco import load_split
+    from crossmodal.ensemble import opened
+    from crossmodal.retrieve import _encode_sentences
+    from main_retrieve import main as figures
+
+    a, b = two_runs
+    split = load_split(small_root, "val")
+    with opened(two_runs, "val") as scored:
+        txt, tm = scored.emb[1], scored.emb[4]
+        text_of = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
+        rows = [0, 7, len(txt) - 1]
+        vecs = _encode_sentences(scored, [text_of[tm["ids"][r]] for r in rows])
+    assert vecs.shape == (3, txt.shape[1])
+    np.testing.assert_allclose(vecs, txt[rows], atol=1e-5)
+    written = figures(["--run", str(a), "--run", str(b), "--split", "val", "--coco-root", str(small_root),
+                       "--random", "1", "--query-text", "a red circle", "--k", "3"])
+    folder = a.parent / f"ensemble_{a.name}+{b.name}" / "figures"
+    assert len(written) == 3 and all(p.parent == folder and p.stat().st_size > 5000 for p in written)
