@@ -411,7 +411,25 @@ def test_bad_input_is_one_line_as_a_process(world, argv, expect, env):
 
 
 def test_table_is_large_enough():
-    assert len(CASES) >= 40 and {c.id for c in CASES} >= SUBPROCESS
+    """The table covers every entry point of the project (each top-level script and the pipeline)
+    with several cases, ids are unique, every case names what its line must contain, and every
+    id run as a process is a case of the table."""
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 40 and set(ids) >= SUBPROCESS
+    assert all(c.values[1] and all(isinstance(x, str) and x for x in c.values[1]) for c in CASES)
+    scripts = {p.name for p in ROOT.glob("*.py")}
+    per_script = {}
+    for c in CASES:
+        per_script.setdefault(c.values[0][0], []).append(c.id)
+    assert scripts - {"text2img.py", "img2text_bert.py", "text2img_bert.py", "retrieve_text2img.py"} \
+        <= set(per_script), sorted(scripts - set(per_script))  # the twins share their parsers with these
+    assert "crossmodal.pipeline" in per_script
+    assert all(len(v) >= 3 for k, v in per_script.items() if k.endswith(".py") and k in (
+        "make_database_img.py", "make_database_text.py", "img2text.py", "get_features_captions.py",
+        "retrieve_img2text.py", "main_retrieve.py", "coco_triplet_dataset.py")), per_script
+    processes = {c.values[0][0] for c in CASES if c.id in SUBPROCESS}
+    assert {"make_database_img.py", "make_database_text.py", "img2text.py", "get_features_captions.py",
+            "retrieve_img2text.py", "main_retrieve.py", "coco_triplet_dataset.py"} <= processes, processes
 
 
 # --- skipping, -v, OS errors, threads ------------------------------------------------------------
@@ -470,6 +488,17 @@ def test_threads_follow_the_cores_available_to_the_process(monkeypatch):
         assert available_cores() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(old)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # README: OMP_NUM_THREADS wins when set
+    try:
+        assert set_threads() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    out = subprocess.run([sys.executable, "-c", "from crossmodal.cli import set_threads; import torch; "
+                          "print(set_threads(), torch.get_num_threads())"],  # more threads than cores: still wins
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(available_cores() + 1)})
+    assert out.stdout.split() == [str(available_cores() + 1)] * 2, out.stderr
     out = subprocess.run([sys.executable, "-c", "import crossmodal.cli, os; print(os.environ['OMP_WAIT_POLICY'])"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})

@@ -17,12 +17,19 @@ def _json_counts(ann_file):
     return len(d["images"]), len(d["annotations"]), Counter(a["image_id"] for a in d["annotations"])
 
 
+def data_root(request, folder: str):
+    """``generated``: the ``small_root`` fixture (a clone without ../shared runs these too);
+    otherwise a real COCO sample folder of ../shared/data (skipped when absent)."""
+    return request.getfixturevalue("small_root") if folder == "generated" else shared(folder)
+
+
 @pytest.mark.parametrize(
     "folder,split",
-    [("coco-tiny", "train"), ("coco-tiny", "val"), ("coco-mini", "train2017"), ("coco-captions-val2017", "val2017")],
+    [("generated", "train"), ("generated", "val"), ("coco-tiny", "train"), ("coco-tiny", "val"),
+     ("coco-mini", "train2017"), ("coco-captions-val2017", "val2017")],
 )
-def test_real_samples_counts_match_json(folder, split):
-    root = shared(folder)
+def test_real_samples_counts_match_json(folder, split, request):
+    root = data_root(request, folder)
     s = load_split(root, split)
     n_img, n_cap, per_image = _json_counts(root / "annotations" / f"captions_{split}.json")
     assert s.num_images == n_img and s.num_captions == n_cap
@@ -39,20 +46,27 @@ def test_val2017_keeps_six_and_seven_caption_images():
     assert counts.max() == 7 and np.sum(counts == 6) == 12
 
 
-def test_real_images_decode_to_rgb():
-    root = shared("coco-tiny")
+@pytest.mark.parametrize("folder,side", [("generated", 96), ("coco-tiny", 160)])
+def test_real_images_decode_to_rgb(folder, side, request):
+    root = data_root(request, folder)
     s = load_split(root, "val")
+    sizes = json.loads((root / "annotations" / "captions_val.json").read_text())["images"]
+    size_of = {im["id"]: (im["width"], im["height"]) for im in sizes}
     for i in range(s.num_images):
         im = load_image(s.image_path(i), int(s.image_ids[i]))
-        assert im.mode == "RGB" and max(im.size) == 160
+        assert im.mode == "RGB" and max(im.size) == side and im.size == size_of[int(s.image_ids[i])]
 
 
-def test_split_slices_partition_images():
-    root = shared("coco-mini")
-    a, b = load_split(root, "train2017[:100]"), load_split(root, "train2017[100:]")
-    assert a.num_images == 100 and b.num_images == 30
-    assert not set(a.image_ids) & set(b.image_ids)
-    assert a.num_captions + b.num_captions == 650
+@pytest.mark.parametrize("folder,split,cut", [("generated", "train", 10), ("coco-mini", "train2017", 100)])
+def test_split_slices_partition_images(folder, split, cut, request):
+    root = data_root(request, folder)
+    whole = load_split(root, split)
+    a, b = load_split(root, f"{split}[:{cut}]"), load_split(root, f"{split}[{cut}:]")
+    assert a.num_images == cut and b.num_images == whole.num_images - cut
+    assert a.image_ids.tolist() + b.image_ids.tolist() == whole.image_ids.tolist()
+    assert a.num_captions + b.num_captions == whole.num_captions
+    if folder == "coco-mini":
+        assert (b.num_images, a.num_captions + b.num_captions) == (30, 650)
 
 
 def _write_coco(root, split, images, anns):
@@ -176,6 +190,11 @@ def test_any_mode_decodes_to_rgb(tmp_path, mode):
         assert out.getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_cli_prints_summary(capsys):
-    dataset_main(["--coco-root", str(shared("coco-tiny")), "--split", "val", "--check-images"])
-    assert "split val: 16 images, 80 captions" in capsys.readouterr().out
+@pytest.mark.parametrize("folder", ["generated", "coco-tiny"])
+def test_cli_prints_summary(capsys, folder, request):
+    root = data_root(request, folder)
+    s = load_split(root, "val")
+    dataset_main(["--coco-root", str(root), "--split", "val", "--check-images"])
+    assert f"split val: {s.num_images} images, {s.num_captions} captions" in capsys.readouterr().out
+    if folder == "coco-tiny":
+        assert (s.num_images, s.num_captions) == (16, 80)

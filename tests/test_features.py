@@ -3,6 +3,7 @@ bad images, and the fastText train-split rule."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,12 +25,22 @@ from tests.conftest import ROOT, shared
 IMG = ["--encoder", "effnet-lite0", "--input-size", "128", "--workers", "0", "--batch-size", "4", "--no-progress"]
 
 
+def data_root(request, where: str):
+    """The dataset a test runs on: ``generated`` (the ``small_root`` fixture, so a clone without
+    ../shared checks it too) or a real COCO sample folder of ../shared/data (skipped when absent)."""
+    return request.getfixturevalue("small_root") if where == "generated" else shared(where)
+
+
+ROOTS = pytest.mark.parametrize("where", ["generated", "coco-tiny"])
+
+
 def _img(root, split, feats, *extra):
     return img_main(["--coco-root", str(root), "--split", split, "--features-dir", str(feats), *IMG, *extra])
 
 
-def test_image_features_shape_order_and_determinism(tmp_path):
-    root = shared("coco-tiny")
+@ROOTS
+def test_image_features_shape_order_and_determinism(tmp_path, request, where):
+    root = data_root(request, where)
     meta = _img(root, "val", tmp_path / "a")
     arr, side = load_features(tmp_path / "a" / "val_img_effnet-lite0.npy")
     split = load_split(root, "val")
@@ -45,8 +56,9 @@ def test_image_features_shape_order_and_determinism(tmp_path):
     from crossmodal.coco import load_image
 
     with torch.inference_mode():
-        one = enc([enc.preprocess(load_image(split.image_path(5)))]).numpy()
-    np.testing.assert_allclose(one[0], arr[5], rtol=1e-4, atol=1e-4)
+        one = enc([enc.preprocess(load_image(split.image_path(r))) for r in (5, 11)]).numpy()
+    np.testing.assert_allclose(one, arr[[5, 11]], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(arr[5], arr[11], atol=1e-3)  # two images, two rows
 
 
 def test_up_to_date_output_is_skipped_other_settings_refused_force_redoes(small_root, tmp_path, caplog):
@@ -136,16 +148,73 @@ def test_shards_merge_to_the_unsharded_result(small_root, tmp_path):
     a, ma = load_features(tmp_path / "one" / "train_img_effnet-lite0.npy")
     b, mb = load_features(tmp_path / "sh" / "train_img_effnet-lite0.npy")
     assert ma["ids"] == mb["ids"] and ma["job"] == mb["job"]
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # "the same file an unsharded run would" write: the same bytes
+    assert (tmp_path / "one" / "train_img_effnet-lite0.npy").read_bytes() == (
+        tmp_path / "sh" / "train_img_effnet-lite0.npy").read_bytes()
+    assert ma["files"]["train_img_effnet-lite0.npy"]["sha256"] == mb["files"]["train_img_effnet-lite0.npy"]["sha256"]
 
 
 def test_shards_from_torchrun_environment(small_root, tmp_path, monkeypatch):
     root = small_root
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    meta = _img(root, "val", tmp_path)
+    meta = _img(root, "val", tmp_path / "env")
     assert meta["job"]["rows"] == [8, 16]
-    assert (tmp_path / "val_img_effnet-lite0.shard1of2.npy").is_file()
+    env_shard = tmp_path / "env" / "val_img_effnet-lite0.shard1of2.npy"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    flags = _img(root, "val", tmp_path / "flags", "--shard", "1", "--num-shards", "2")
+    assert flags["ids"] == meta["ids"] == load_split(root, "val").image_ids[8:16].tolist()
+    assert env_shard.read_bytes() == (tmp_path / "flags" / env_shard.name).read_bytes()  # rank 1 of 2 = shard 1
+    _img(root, "val", tmp_path / "flags", "--shard", "0", "--num-shards", "2")
+    _img(root, "val", tmp_path / "flags", "--merge", "--num-shards", "2")
+    _img(root, "val", tmp_path / "one")
+    assert (tmp_path / "flags" / "val_img_effnet-lite0.npy").read_bytes() == (
+        tmp_path / "one" / "val_img_effnet-lite0.npy").read_bytes()
+
+
+FT_SHARD = ("--encoder", "fasttext", "--fasttext-dim", "16", "--fasttext-bucket", "2000", "--fasttext-epoch", "2",
+            "--fasttext-train-split", "train")
+
+
+def _caption_shards(root, tmp, encoder) -> tuple[dict, dict, str]:
+    """An unsharded extraction of val's captions in ``tmp/one``, and 3 shards merged in ``tmp/sh``."""
+    name = f"val_text_{encoder[1]}"
+    one = _txt(root, "val", tmp / "one", *encoder)
+    if encoder[1] == "fasttext":  # the shards reuse the one model
+        shutil.copytree(tmp / "one", tmp / "sh", ignore=shutil.ignore_patterns("val_*", "*.lock"))
+    parts = [_txt(root, "val", tmp / "sh", *encoder, "--shard", str(i), "--num-shards", "3") for i in range(3)]
+    assert sum((p["ids"] for p in parts), []) == one["ids"] and all(p["ids"] for p in parts)
+    assert sum((p["image_ids"] for p in parts), []) == one["image_ids"]
+    with pytest.raises(FeatureError, match="shard files missing"):
+        _txt(root, "val", tmp / "sh", *encoder, "--merge", "--num-shards", "4")
+    merged = _txt(root, "val", tmp / "sh", *encoder, "--merge", "--num-shards", "3")
+    assert merged["ids"] == one["ids"] and merged["image_ids"] == one["image_ids"] and merged["job"] == one["job"]
+    return one, merged, name
+
+
+@pytest.fixture(scope="module")
+def bert_shards(small_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bert_shards")
+    _, _, name = _caption_shards(small_root, tmp, ("--encoder", "bert", "--batch-size", "8"))
+    return np.load(tmp / "one" / f"{name}.npy"), np.load(tmp / "sh" / f"{name}.npy"), tmp, name
+
+
+def test_caption_features_shard_and_merge_to_the_unsharded_file(small_root, tmp_path, bert_shards):
+    """README: caption features shard the same way (rows of the split), and the merge writes the
+    same file as an unsharded run (fastText: byte for byte; BERT: see the next test)."""
+    _, _, name = _caption_shards(small_root, tmp_path, FT_SHARD)
+    assert (tmp_path / "sh" / f"{name}.npy").read_bytes() == (tmp_path / "one" / f"{name}.npy").read_bytes()
+    one, merged, _, _ = bert_shards
+    np.testing.assert_allclose(merged, one, rtol=0, atol=1e-5)  # row order kept
+
+
+@pytest.mark.xfail(strict=True, reason="bug: crossmodal/extract.py extract_texts batches BERT captions by length "
+                   "within each shard, so shard rows are padded differently from an unsharded run and differ by "
+                   "up to ~7e-7: the merge is not 'the same file' the README promises")
+def test_bert_caption_shards_merge_to_the_same_bytes(bert_shards):
+    _, _, tmp, name = bert_shards
+    assert (tmp / "sh" / f"{name}.npy").read_bytes() == (tmp / "one" / f"{name}.npy").read_bytes()
 
 
 def _copy_with_bad_image(src, tmp_path):
@@ -168,12 +237,14 @@ def test_corrupt_image_is_named_or_skipped_and_counted(small_root, tmp_path, cap
     assert "1 unreadable images skipped" in caplog.text
 
 
-def test_fasterrcnn_wiring_and_state_dict_loading(tmp_path):
+@pytest.mark.slow
+@ROOTS
+def test_fasterrcnn_wiring_and_state_dict_loading(tmp_path, request, where):
     torch.manual_seed(0)
     enc = FasterRCNNRegions("random", top_n=20, min_size=128, max_size=160)
     path = tmp_path / "det.pth"
     torch.save(enc.model.state_dict(), path)
-    root = shared("coco-tiny")
+    root = data_root(request, where)
     args = ["--encoder", "fasterrcnn", "--detector-weights", str(path), "--top-n", "20", "--min-size", "128",
             "--max-size", "160", "--workers", "0", "--batch-size", "4", "--no-progress"]
     meta = img_main(["--coco-root", str(root), "--split", "val", "--features-dir", str(tmp_path), *args])
@@ -186,11 +257,16 @@ def test_fasterrcnn_wiring_and_state_dict_loading(tmp_path):
     with torch.inference_mode():
         direct = enc([enc.preprocess(load_image(split.image_path(i))) for i in range(4)]).numpy()
     np.testing.assert_allclose(direct, arr[:4], rtol=1e-3, atol=1e-4)
-    # objectness-weighted pooling differs from the plain mean
-    enc.pooling = "objectness"
+    assert not np.allclose(direct[0], direct[1], atol=1e-4)  # each row is its own image
+    # objectness-weighted pooling differs from the plain mean of the same image alone (the same
+    # proposals: a batch of one both times, as padding in a batch changes the features)
+    x0 = [enc.preprocess(load_image(split.image_path(0)))]
     with torch.inference_mode():
-        weighted = enc([enc.preprocess(load_image(split.image_path(0)))]).numpy()
-    assert weighted.shape == (1, 1024) and not np.allclose(weighted[0], direct[0])
+        mean0 = enc(x0).numpy()
+        enc.pooling = "objectness"
+        weighted, again = enc(x0).numpy(), enc(x0).numpy()
+    assert weighted.shape == (1, 1024) and np.array_equal(weighted, again)
+    assert not np.allclose(weighted[0], mean0[0], rtol=1e-4, atol=1e-5)
 
 
 def test_fasterrcnn_without_weights_names_both_ways(tmp_path, monkeypatch):
@@ -239,18 +315,21 @@ def test_fasttext_model_is_trained_once_and_records_its_images(small_root, tmp_p
 
 
 def test_fasttext_training_is_reproducible_across_processes(small_root, tmp_path):
-    """One thread and a fixed seed: two processes train byte-identical models."""
+    """One thread, a fixed seed and a fresh interpreter: a model trained from this test process
+    (torch loaded, a long history) is byte-identical to one trained from a bare subprocess."""
+    from crossmodal.text_encoders import train_fasttext
+
     code = ("import sys; from crossmodal.coco import load_split; from crossmodal.text_encoders import train_fasttext;"
             "print(train_fasttext(load_split(sys.argv[1], 'train'), sys.argv[2], dim=16, epoch=2, bucket=2000))")
-    for d in ("a", "b"):
-        subprocess.run([sys.executable, "-c", code, str(small_root), str(tmp_path / d)], cwd=ROOT, check=True,
-                       capture_output=True)
-    assert (tmp_path / "a" / "train_model_fasttext.bin").read_bytes() == (
-        tmp_path / "b" / "train_model_fasttext.bin").read_bytes()
+    subprocess.run([sys.executable, "-c", code, str(small_root), str(tmp_path / "a")], cwd=ROOT, check=True,
+                   capture_output=True)
+    here = train_fasttext(load_split(small_root, "train"), tmp_path / "b", dim=16, epoch=2, bucket=2000)
+    assert here.read_bytes() == (tmp_path / "a" / "train_model_fasttext.bin").read_bytes()
 
 
-def test_fasttext_pretrained_model_is_used(tmp_path):
-    root = shared("coco-tiny")
+@ROOTS
+def test_fasttext_pretrained_model_is_used(tmp_path, request, where):
+    root = data_root(request, where)
     _txt(root, "train", tmp_path / "a", *FT)
     meta = _txt(root, "val", tmp_path / "b", "--encoder", "fasttext",
                 "--fasttext-model", str(tmp_path / "a" / "train_model_fasttext.bin"))
@@ -260,17 +339,22 @@ def test_fasttext_pretrained_model_is_used(tmp_path):
         _txt(root, "val", tmp_path / "b", "--encoder", "fasttext", "--fasttext-model", str(tmp_path / "no.bin"))
 
 
-def test_bert_features_pooling_and_row_order(tmp_path):
-    root = shared("coco-tiny")
+@ROOTS
+def test_bert_features_pooling_and_row_order(tmp_path, request, where):
+    root = data_root(request, where)
     meta = _txt(root, "val", tmp_path / "m", "--encoder", "bert", "--batch-size", "16")
     arr, side = load_features(tmp_path / "m" / "val_text_bert.npy")
-    assert arr.shape == (80, 384) and side["settings"]["pooling"] == "mean"
+    split = load_split(root, "val")
+    assert arr.shape == (split.num_captions, 384) and side["settings"]["pooling"] == "mean"
+    assert side["ids"] == split.caption_ids.tolist() and side["image_ids"] == split.caption_image_ids.tolist()
     from crossmodal.text_encoders import BertEncoder
 
     enc = BertEncoder()
-    split = load_split(root, "val")
-    one = enc.encode([split.captions[7]])
-    np.testing.assert_allclose(one[0], arr[7], rtol=1e-4, atol=1e-5)  # sorting by length keeps row order
+    lengths = [len(c) for c in split.captions]
+    rows = sorted({7, int(np.argmin(lengths)), int(np.argmax(lengths))})  # sorting by length keeps row order
+    for r in rows:
+        np.testing.assert_allclose(enc.encode([split.captions[r]])[0], arr[r], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(arr[rows[0]], arr[rows[-1]], atol=1e-3)
     cls = _txt(root, "val", tmp_path / "c", "--encoder", "bert", "--pooling", "cls")
     assert cls["settings"]["pooling"] == "cls"
     assert not np.allclose(load_features(tmp_path / "c" / "val_text_bert.npy")[0], arr)
@@ -305,9 +389,11 @@ def test_caption_extraction_resumes_byte_identical(small_root, tmp_path, monkeyp
     assert meta["ids"] == ref["ids"] and meta["image_ids"] == ref["image_ids"]
 
 
-def test_unknown_bert_model_is_a_clear_error(tmp_path):
+@ROOTS
+def test_unknown_bert_model_is_a_clear_error(tmp_path, request, where):
     with pytest.raises(ModelError, match="give --bert-model a local folder"):
-        _txt(shared("coco-tiny"), "val", tmp_path, "--encoder", "bert", "--bert-model", str(tmp_path / "nothing"))
+        _txt(data_root(request, where), "val", tmp_path, "--encoder", "bert", "--bert-model",
+             str(tmp_path / "nothing"))
 
 
 def test_slices_of_one_split_get_their_own_files(tmp_path):

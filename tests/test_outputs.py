@@ -140,7 +140,7 @@ def test_corrupt_or_foreign_partial_is_discarded_and_redone(small_root, tmp_path
         assert (out / "val_img_effnet-lite0.npy").read_bytes() == want
         assert not partial.exists() and not progress.exists()
         (out / "val_img_effnet-lite0.npy").unlink()
-    assert caplog.text.count("discarding the partial output") >= 2
+    assert caplog.text.count("discarding the partial output") == 3  # one logged line per case
 
 
 def test_zero_byte_and_truncated_outputs_are_redone(small_root, tmp_path, caplog):
@@ -206,6 +206,7 @@ def test_a_torn_results_line_is_skipped_and_never_swallows_the_next(tmp_path, ca
 def test_run_with_other_arguments_is_refused_until_force_or_new_name(feats, tmp_path, caplog):
     first = _train(feats, tmp_path)
     run = tmp_path / "img2text_fasttext"
+    first_rows = outputs.read_jsonl(run / "results.jsonl")
     before = _digests(run)
     with pytest.raises(OutputConflictError, match=r"run .*img2text_fasttext holds a model trained with other "
                                                   r"arguments or features \(lr: 0.001 -> 0.01\)"):
@@ -217,7 +218,10 @@ def test_run_with_other_arguments_is_refused_until_force_or_new_name(feats, tmp_
     _train(feats, tmp_path, "--lr", "0.01", "--force")
     assert "starts afresh" in caplog.text
     assert json.loads((run / "args.json").read_text())["lr"] == 0.01
-    assert first["best"]["epoch"] >= 0
+    rows = outputs.read_jsonl(run / "results.jsonl")  # afresh: only the new training's epochs
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["type"] == "epoch" for r in rows)
+    first_rsums = [r["val_rsum"] for r in first_rows]
+    assert first["best"]["epoch"] == first_rsums.index(max(first_rsums)) and first["epochs_run"] == 2
 
 
 def test_resume_appends_to_results_and_ignores_a_torn_line(feats, tmp_path, monkeypatch):
@@ -285,8 +289,16 @@ def test_embeddings_of_an_older_checkpoint_are_refused_then_rebuilt(feats, tmp_p
     _train(feats, tmp_path)
     embed_main(["--run", str(run), "--split", "val"])
     i2t_main(["--run", str(run), "--split", "val"])
+    from retrieve_text2img import main as t2i_main
+
+    t2i_main(["--run", str(run), "--split", "val"])
+    assert (run / "retrieval").is_dir() and len(outputs.read_jsonl(run / "results.jsonl")) == 4
     _train(feats, tmp_path, "--force")  # retrained
-    assert not (run / "embeddings").exists()  # --force removed what belonged to the old model
+    # --force removed what belonged to the old model: embeddings, scores (metrics, top-k lists,
+    # PR figures) and their rows in results.jsonl
+    assert not (run / "embeddings").exists() and not (run / "retrieval").exists()
+    assert [(r["type"], r["epoch"]) for r in outputs.read_jsonl(run / "results.jsonl")] == [("epoch", 0),
+                                                                                            ("epoch", 1)]
     embed_main(["--run", str(run), "--split", "val"])
     import torch  # now change the checkpoint behind the embeddings' back
 
@@ -299,6 +311,18 @@ def test_embeddings_of_an_older_checkpoint_are_refused_then_rebuilt(feats, tmp_p
     embed_main(["--run", str(run), "--split", "val", "--checkpoint", "best.pt"])
     assert "is stale" in caplog.text
     i2t_main(["--run", str(run), "--split", "val"])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: crossmodal/train.py (--force, 'starts afresh') removes embeddings/ and "
+                   "retrieval/ but leaves the old model's PR-curve figures figures/pr_<split>_<dir>_<protocol>.png")
+def test_force_removes_the_old_models_score_figures(feats, tmp_path):
+    run = tmp_path / "img2text_fasttext"
+    _train(feats, tmp_path)
+    embed_main(["--run", str(run), "--split", "val"])
+    i2t_main(["--run", str(run), "--split", "val"])
+    assert (run / "figures" / "pr_val_img2text_full.png").is_file()
+    _train(feats, tmp_path, "--force")
+    assert not list((run / "figures").glob("pr_*"))
 
 
 def test_checkpoint_of_another_run_is_refused(feats, tmp_path):
@@ -320,7 +344,9 @@ def test_truncated_index_is_refused_and_rebuilt(feats, tmp_path, caplog):
     caplog.set_level("WARNING")
     embed_main(["--run", str(run), "--split", "val"])
     assert "is not a finished output" in caplog.text
-    assert i2t_main(["--run", str(run), "--split", "val"])["gallery"] > 0
+    n_caps = len(load_features(run / "embeddings" / "val_emb_text.npy")[1]["ids"])
+    r = i2t_main(["--run", str(run), "--split", "val"])
+    assert r["gallery"] == n_caps and r["queries"] == 16  # the rebuilt index holds every caption
 
 
 def test_project_moved_elsewhere_keeps_working(feats, tmp_path, monkeypatch):

@@ -60,7 +60,11 @@ def test_pipeline_on_real_coco_tiny(tmp_path, monkeypatch):
     chance = rsum(summary["chance"])
     for name, m in summary["results"].items():
         assert all(np.isfinite(v) for k, v in m.items() if isinstance(v, float))
-        # 24 training images: BERT models are well above chance (measured 1.7x), fastText near it
-        assert rsum(m) >= (1.3 if "bert" in name else 0.9) * chance, (name, rsum(m), chance)
+        # 24 training images: BERT models are well above chance (measured 1.69x, 1.75x). fastText is
+        # not claimed: it measured 1.16x / 1.32x chance, and 1.12x / 1.19x with its caption features
+        # reversed against their images (a control), so 16 val images cannot tell it from chance;
+        # the reduced demo test above requires 2x chance of every model, fastText included
+        if "bert" in name:
+            assert rsum(m) >= 1.3 * chance, (name, rsum(m), chance)
     saved = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert "16 images, 80 captions" in saved["header"]

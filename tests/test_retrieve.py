@@ -35,16 +35,27 @@ def test_embeddings_are_normalised_and_indexed(run_dir):
 
 
 def test_metric_scripts(run_dir, capsys):
+    from crossmodal.coco import rows_of
+    from crossmodal.metrics import evaluate
+
+    img, im = load_features(run_dir / "embeddings" / "val_emb_img.npy")
+    txt, tm = load_features(run_dir / "embeddings" / "val_emb_text.npy")
+    rows = rows_of(np.asarray(im["ids"]), np.asarray(tm["image_ids"]))
+    want = evaluate(np.asarray(img), np.asarray(txt), rows)  # the stored embeddings, scored directly
     r = i2t_main(["--run", str(run_dir), "--split", "val"])
     out = capsys.readouterr().out
     assert "img2text on val (full): 50 queries" in out and "P@1" in out and "R@10" in out
-    for k in ("img2text_P@1", "img2text_P@5", "img2text_mAP", "img2text_R@1", "img2text_R@5", "img2text_R@10",
-              "img2text_medr", "img2text_meanr"):
-        assert k in r
+    keys = ("P@1", "P@5", "mAP", "R@1", "R@5", "R@10", "medr", "meanr")
+    for k in keys:
+        assert r[f"img2text_{k}"] == pytest.approx(want[f"img2text_{k}"], abs=1e-9), k
+    assert r["queries"] == 50 and r["gallery"] == len(txt) == len(tm["ids"])
     saved = json.loads((run_dir / "retrieval" / "val_img2text_full_metrics.json").read_text())
-    assert saved["img2text_mAP"] == r["img2text_mAP"]
+    assert all(saved[f"img2text_{k}"] == r[f"img2text_{k}"] for k in keys)
     t = t2i_main(["--run", str(run_dir), "--split", "val"])
-    assert t["queries"] > 50 and t["gallery"] == 50
+    for k in keys:
+        assert t[f"text2img_{k}"] == pytest.approx(want[f"text2img_{k}"], abs=1e-9), k
+    assert t["queries"] == len(txt) and t["gallery"] == 50
+    assert 0 < want["img2text_R@1"] < 100 and 0 < want["text2img_R@1"] < 100  # neither trivial nor hopeless
     lines = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     assert [x["direction"] for x in lines if x["type"] == "eval"][-2:] == ["img2text", "text2img"]
     pr = Image.open(run_dir / "figures" / "pr_val_img2text_full.png")

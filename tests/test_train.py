@@ -9,9 +9,18 @@ import torch
 
 from crossmodal.errors import DataError, FeatureError, ModelError
 from crossmodal.heads import hardest_negative_loss
+from crossmodal.metrics import evaluate
 from crossmodal.outputs import OutputConflictError
 from crossmodal.store import load_features, save_features
-from crossmodal.train import Trainer, build_parser, check_features_fit, load_checkpoint, load_pairs
+from crossmodal.train import (
+    Trainer,
+    build_parser,
+    check_features_fit,
+    embed_bank,
+    heads_from_checkpoint,
+    load_checkpoint,
+    load_pairs,
+)
 from img2text import main as img2text_main
 from text2img_bert import main as text2img_bert_main
 
@@ -43,7 +52,23 @@ def test_training_learns_in_both_directions(demo_features, tmp_path, main, direc
     assert json.loads((run / "args.json").read_text())["negatives"] == "random"
     ck = load_checkpoint(run / "best.pt")  # weights_only=True
     assert ck["epoch"] == best["epoch"] and ck["txt_features"]["encoder"] == enc
-    assert (run / "figures" / "training.png").stat().st_size > 10_000
+    # best.pt is the first epoch with the highest validation rsum, and its heads score that epoch's numbers
+    rsums = [r["val_rsum"] for r in rows]
+    assert best["epoch"] == int(np.argmax(rsums)) and best["rsum"] == max(rsums)
+    assert rsums[best["epoch"]] > rsums[0] and rows[best["epoch"]]["val_img2text_R@1"] == best["val_img2text_R@1"]
+    img_head, txt_head = heads_from_checkpoint(ck)
+    val = load_pairs(demo_features / "val_img_effnet-lite0.npy", demo_features / f"val_text_{enc}.npy")
+    with torch.inference_mode():
+        m = evaluate(embed_bank(img_head, val.img), embed_bank(txt_head, val.txt), val.cap_img_rows)
+    for k in ("rsum", "img2text_R@1", "text2img_R@5"):
+        assert m[k] == pytest.approx(best[f"val_{k}"] if k != "rsum" else best["rsum"], abs=1e-6), k
+    # the training figure is a drawn plot (axes, two curves), not an empty file
+    from PIL import Image
+
+    fig = Image.open(run / "figures" / "training.png")
+    pixels = np.asarray(fig.convert("L"))
+    assert fig.format == "PNG" and fig.size[0] >= 600 and fig.size[1] >= 300
+    assert len(np.unique(pixels)) > 20 and (pixels < 128).mean() > 0.005, "a blank canvas"
 
 
 def test_rerun_is_skipped_when_up_to_date(demo_features, tmp_path, caplog):
