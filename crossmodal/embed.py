@@ -163,5 +163,11 @@ def load_embeddings(run_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
         if not ck.is_file() or file_digest(ck) != want:
             raise FeatureError(f"embeddings {path} were made from another checkpoint than {ck} holds now (retrained "
                                f"since?): rerun get_features_captions.py --run {run_dir} --split {split}")
-    rows = rows_of(np.asarray(im["ids"], dtype=np.int64), np.asarray(tm["image_ids"], dtype=np.int64))
+    img_ids, cap_img_ids = np.asarray(im["ids"], dtype=np.int64), np.asarray(tm["image_ids"], dtype=np.int64)
+    lacking = np.setdiff1d(cap_img_ids, img_ids)
+    if len(lacking):
+        raise FeatureError(f"caption embeddings {p['text']} belong to {len(lacking)} images that the image embeddings "
+                           f"{p['img']} lack (first id {int(lacking[0])}): they are not embeddings of one split; rerun "
+                           f"get_features_captions.py --run {run_dir} --split {split} --force")
+    rows = rows_of(img_ids, cap_img_ids)
     return np.asarray(img), np.asarray(txt), rows, im, tm

@@ -76,8 +76,9 @@ def start_state(a, out: Path, record: dict) -> str:
     f = run_files(out)
     if a.force:
         if any(p.exists() for p in f.values()):
-            log.info("--force: %s starts afresh (its checkpoints, results, embeddings and scores are removed)", out)
-        remove(*f.values(), out / "embeddings", out / "retrieval")
+            log.info("--force: %s starts afresh (its checkpoints, results, embeddings, scores and figures are removed)",
+                     out)
+        remove(*f.values(), out / "embeddings", out / "retrieval", out / "figures")
         return "fresh"
     old = read_sidecar(f["args"])
     has_work = f["last"].exists() or f["best"].exists() or f["done"].exists()

@@ -313,8 +313,6 @@ def test_embeddings_of_an_older_checkpoint_are_refused_then_rebuilt(feats, tmp_p
     i2t_main(["--run", str(run), "--split", "val"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: crossmodal/train.py (--force, 'starts afresh') removes embeddings/ and "
-                   "retrieval/ but leaves the old model's PR-curve figures figures/pr_<split>_<dir>_<protocol>.png")
 def test_force_removes_the_old_models_score_figures(feats, tmp_path):
     run = tmp_path / "img2text_fasttext"
     _train(feats, tmp_path)

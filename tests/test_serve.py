@@ -520,13 +520,17 @@ def test_refuses_other_split_or_data(run_copy, serve_run_dir):
         Searcher.from_run(run_copy, "val", other)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: crossmodal/embed.py load_embeddings -> coco.rows_of raises "
-                   "'ids not found: [...]' naming neither the embeddings file nor the id at fault")
 def test_refuses_embeddings_whose_ids_disagree_naming_file_and_id(run_copy, serve_run_dir):
+    from crossmodal.store import rows_digest
+
     side = run_copy / "embeddings" / "val_emb_img.json"
     meta = json.loads(side.read_text())
     lost = meta["ids"][0]
     meta["ids"][0] = 424242  # image embeddings of another image: its captions' image is gone
+    side.write_text(json.dumps(meta))
+    with pytest.raises(FeatureError, match=r"val_emb_img.npy are not the ones its rows were made with"):
+        Searcher.from_run(run_copy, "val", serve_run_dir["root"])  # edited ids: their recorded digest differs
+    meta["rows_sha256"] = rows_digest(meta)  # a consistent sidecar of other images
     side.write_text(json.dumps(meta))
     with pytest.raises((DataError, FeatureError)) as e:
         Searcher.from_run(run_copy, "val", serve_run_dir["root"])
