@@ -32,6 +32,13 @@ DIRECTIONS = ("img2text", "text2img")
 RECALL_KS = (1, 5, 10)
 
 
+def writable_f32(x) -> np.ndarray:
+    """``x`` as a C-contiguous float32 array torch may wrap: copied only when it is not one already or
+    is read-only (a memory-mapped embedding file)."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    return a if a.flags.writeable else a.copy()
+
+
 def img2text_relevance(cap_img_rows: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR relevance for image queries over a caption gallery. ``cap_img_rows`` (N_cap,)."""
     cap_img_rows = np.asarray(cap_img_rows, dtype=np.int64)
@@ -142,8 +149,8 @@ def both_ranks(img_emb, text_emb, cap_img_rows: np.ndarray, chunk: int = 1024) -
     in its band, which is checked: otherwise text2img is redone by :func:`relevant_ranks`
     (logged). Equal to :func:`relevant_ranks` in both directions (tested).
     """
-    q = torch.from_numpy(np.ascontiguousarray(img_emb, dtype=np.float32))
-    t = np.ascontiguousarray(text_emb, dtype=np.float32)
+    q = torch.from_numpy(writable_f32(img_emb))
+    t = writable_f32(text_emb)
     cap_img_rows = np.asarray(cap_img_rows, dtype=np.int64)
     ptr, idx = img2text_relevance(cap_img_rows, len(q))
     n_cap = len(cap_img_rows)

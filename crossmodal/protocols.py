@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, ModelError
-from .metrics import DIRECTIONS, RECALL_KS, evaluate_protocol
+from .metrics import DIRECTIONS, RECALL_KS, evaluate_protocol, writable_f32
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ def exact_topk(queries, gallery, k: int, chunk: int = 1024) -> np.ndarray:
     """Rows of the ``k`` best gallery items per query, best first, ties broken by gallery order
     (the order :func:`crossmodal.metrics.relevant_ranks` ranks by). ``queries`` (Q, d), ``gallery``
     (G, d) -> (Q, k) int64; inner product, computed in query chunks."""
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    gt = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).t().contiguous()
+    q = torch.from_numpy(writable_f32(queries))
+    gt = torch.from_numpy(writable_f32(gallery)).t().contiguous()
     k = min(k, gt.shape[1])
     out = np.empty((len(q), k), dtype=np.int64)
     with torch.inference_mode():
