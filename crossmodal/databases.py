@@ -98,6 +98,8 @@ def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
     """Shared by both stages: split, output path, shard, merge or ``extract(args, split, npy, shard)``."""
     a = parser.parse_args(argv)
     setup_logging(a.verbose)
+    if a.merge and a.num_shards is None:
+        parser.error("argument --merge: give the number of shard files to join, --num-shards N")
     if a.shard is not None and a.shard >= (a.num_shards or 1):
         parser.error(f"argument --shard: {a.shard} is out of range for --num-shards {a.num_shards or 1} "
                      f"(shards are 0 to {(a.num_shards or 1) - 1})")

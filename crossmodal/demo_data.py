@@ -249,12 +249,12 @@ def _write_splits(out: Path, num_train: int, num_val: int, seed: int, image_size
 
 
 def main(argv=None):
-    from .cli import int_in_range, non_negative_int, positive_int
+    from .cli import int_in_range, non_negative_int
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/demo")
-    p.add_argument("--num-train", type=positive_int, default=400)
-    p.add_argument("--num-val", type=positive_int, default=100)
+    p.add_argument("--num-train", type=int_in_range(1, 100_000), default=400, help="at most 100,000 (a demo)")
+    p.add_argument("--num-val", type=int_in_range(1, 100_000), default=100, help="at most 100,000 (a demo)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--image-size", type=int_in_range(16, 4096), default=224)
     a = p.parse_args(argv)

@@ -108,8 +108,12 @@ def _check_rows(npy: Path, meta: dict) -> None:
     """Refuse id lists that are not the ones the array was published with (reordered, edited)."""
     job = meta.get("job") if isinstance(meta.get("job"), dict) else {}
     for key in ("ids", "image_ids"):
-        if key in meta and not all(type(i) is int for i in meta[key]):
-            raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers; re-run its stage")
+        if key in meta and not all(type(i) is int and 0 <= i < 2**63 for i in meta[key]):
+            raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers from 0 to 2^63-1; re-run its "
+                               "stage")
+    if not all(type(i) is int and 0 <= i < 2**63 for i in meta.get("skipped_ids") or []):
+        raise FeatureError(f"the sidecar of {npy} lists skipped_ids that are not integers from 0 to 2^63-1; re-run "
+                           "its stage")
     if "rows_sha256" in meta:  # recorded at publication
         bad = meta["rows_sha256"] != rows_digest(meta)
     else:  # older sidecars: the job's digest of the ids it covers
