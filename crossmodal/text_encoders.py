@@ -177,7 +177,7 @@ def _train_in_subprocess(work: Path, dim: int, epoch: int, bucket: int, threads:
     corpus, out = work / "corpus.txt", work / "model.bin"
     args = {"input": corpus.name, "output": out.name, "dim": dim, "epoch": epoch, "bucket": bucket,
             "threads": threads, "attempts": _ATTEMPTS}
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    env = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}  # fixed, not inherited: its size shapes the worker's heap
     proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], capture_output=True, text=True, env=env,
                           cwd=work)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
