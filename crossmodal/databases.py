@@ -18,7 +18,8 @@ from .cli import (
     setup_logging,
     split_name,
 )
-from .coco import load_split
+from .coco import load_split, parse_split
+from .errors import DataError
 from .extract import extract_images, extract_texts, merge_shards, resolve_shard
 from .image_encoders import IMAGE_ENCODERS, build_image_encoder
 from .store import feature_path
@@ -129,12 +130,26 @@ def run_image(argv=None) -> dict:
     return _run("img", image_parser(), argv, _extract_images)
 
 
+def fasttext_train_split(split: str, train_split: str | None) -> str:
+    """The split whose captions train fastText: ``train_split``, else ``split`` itself, unless ``split`` is a
+    held-out one (a part named val* or test*): training on it would leak its captions into the model, so that
+    is one line asking for the training split (``--fasttext-train-split val`` still says it on purpose)."""
+    if train_split:
+        return train_split
+    held_out = [p for p in parse_split(split)[0].split("+") if p.lower().startswith(("val", "test"))]
+    if held_out:
+        raise DataError(f"--split {split} is a held-out split: fastText would be trained on its own captions "
+                        f"({held_out[0]!r}); pass --fasttext-train-split with the training split (e.g. train2017, "
+                        f"train+restval) or --fasttext-model FILE")
+    return split
+
+
 def _fasttext_encoder(a, split):
     from .text_encoders import FastTextEncoder, train_fasttext
 
     if a.fasttext_model:
         return FastTextEncoder(a.fasttext_model)
-    train_name = a.fasttext_train_split or a.split
+    train_name = fasttext_train_split(a.split, a.fasttext_train_split)
     train = split if train_name == a.split else load_split(a.coco_root, train_name, a.karpathy_file, a.skip_bad)
     path = train_fasttext(train, a.features_dir, dim=a.fasttext_dim, epoch=a.fasttext_epoch,
                           bucket=a.fasttext_bucket)

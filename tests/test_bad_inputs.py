@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from crossmodal.cli import available_cores, os_error_line, run_script, set_threads
+from crossmodal.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_SUBPROCESS = os.environ.get("CROSSMODAL_BAD_INPUTS_SUBPROCESS", "") not in ("", "0")
@@ -244,6 +245,8 @@ CASES = [
                                          "--features-dir", "{top}/features_text"], "model.bin", "fastText"),
     case("text-fasttext-train-split-bad-slice", [*TEXTS, "--split", "val", "--fasttext-train-split", "train[:x]"],
          "--fasttext-train-split", "train[:x]"),
+    case("text-fasttext-held-out-split-trains-itself", [*TEXTS, "--split", "val"], "--split val", "held-out",
+         "--fasttext-train-split"),
     case("text-fasttext-train-split-unknown", [*TEXTS, "--split", "val", "--fasttext-train-split", "nosuch"],
          "captions_nosuch.json"),
     case("text-bert-model-missing-offline", [*TEXTS, "--split", "train", "--encoder", "bert", "--bert-model",
@@ -510,3 +513,16 @@ def test_threads_follow_the_cores_available_to_the_process(monkeypatch):
                              cwd=ROOT, capture_output=True, text=True, timeout=120,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": ""})
         assert out.stdout.strip() == "1", out.stderr
+
+
+def test_fasttext_trains_on_a_held_out_split_only_when_asked():
+    from crossmodal.databases import fasttext_train_split
+
+    assert fasttext_train_split("train2017", None) == "train2017"
+    assert fasttext_train_split("train+restval", None) == "train+restval"
+    assert fasttext_train_split("train[0:40]", None) == "train[0:40]"
+    assert fasttext_train_split("val2017", "train2017") == "train2017"
+    assert fasttext_train_split("val", "val") == "val"  # said on purpose
+    for held_out, part in (("val", "val"), ("test", "test"), ("val2014[0:5]", "val2014"), ("train+test", "test")):
+        with pytest.raises(DataError, match=f"--split .* held-out split.*'{part}'.*--fasttext-train-split"):
+            fasttext_train_split(held_out, None)
