@@ -80,23 +80,23 @@ def test_skipped_image_kept_skipped_with_skip_bad_when_unchanged(small_root, tmp
     assert "up to date" in caplog.text
 
 
-def test_reordered_sidecar_ids_are_refused(small_root, tmp_path):
-    npy = tmp_path / "i.npy"
-    extract_images(load_split(small_root, "val"), TinyImages(), npy, progress=False)
-    side = npy.with_suffix(".json")
-    meta = json.loads(side.read_text())
+def _reversed_ids(meta):
     meta["ids"] = meta["ids"][::-1]
-    side.write_text(json.dumps(meta))
-    with pytest.raises(FeatureError, match="not the ones its rows were made with"):
-        load_features(npy)
 
 
-def test_reordered_caption_image_ids_are_refused(small_root, tmp_path):
-    npy = tmp_path / "t.npy"
-    extract_texts(load_split(small_root, "val"), TinyTexts(), npy, progress=False)
+def _swapped_caption_image_ids(meta):
+    meta["image_ids"][0], meta["image_ids"][-1] = meta["image_ids"][-1], meta["image_ids"][0]
+
+
+@pytest.mark.parametrize("extract,encoder,tamper", [(extract_images, TinyImages, _reversed_ids),
+                                                    (extract_texts, TinyTexts, _swapped_caption_image_ids)],
+                         ids=["reordered-ids", "reordered-caption-image-ids"])
+def test_reordered_sidecar_ids_are_refused(small_root, tmp_path, extract, encoder, tamper):
+    npy = tmp_path / "f.npy"
+    extract(load_split(small_root, "val"), encoder(), npy, progress=False)
     side = npy.with_suffix(".json")
     meta = json.loads(side.read_text())
-    meta["image_ids"][0], meta["image_ids"][-1] = meta["image_ids"][-1], meta["image_ids"][0]
+    tamper(meta)
     side.write_text(json.dumps(meta))
     with pytest.raises(FeatureError, match="not the ones its rows were made with"):
         load_features(npy)

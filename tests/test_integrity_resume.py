@@ -115,6 +115,17 @@ def _killed_after_chunks(split, npy, monkeypatch, n_chunks):
         extract_images(split, TinyImages(), npy, batch_size=4, progress=False)
 
 
+
+def _killed_after_two_of_three_chunks(small_root, tmp_path, monkeypatch):
+    """val's images in ``tmp_path/ref`` whole, and in ``tmp_path/run`` killed after 2 of 3 chunks: (split, the
+    output .npy, its progress record, the record's content)."""
+    split = load_split(small_root, "val")
+    extract_images(split, TinyImages(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
+    npy = tmp_path / "run" / "i.npy"
+    _killed_after_chunks(split, npy, monkeypatch, 2)
+    prog = tmp_path / "run" / "i.progress.json"
+    return split, npy, prog, json.loads(prog.read_text())
+
 def test_rows_corrupted_in_a_partial_after_a_kill_are_redone(small_root, tmp_path, monkeypatch, caplog):
     split = load_split(small_root, "val")
     extract_images(split, TinyImages(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
@@ -132,12 +143,7 @@ def test_rows_corrupted_in_a_partial_after_a_kill_are_redone(small_root, tmp_pat
 
 
 def test_progress_record_without_chunk_digests_is_discarded(small_root, tmp_path, monkeypatch, caplog):
-    split = load_split(small_root, "val")
-    extract_images(split, TinyImages(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
-    npy = tmp_path / "run" / "i.npy"
-    _killed_after_chunks(split, npy, monkeypatch, 2)
-    prog = tmp_path / "run" / "i.progress.json"
-    state = json.loads(prog.read_text())
+    split, npy, prog, state = _killed_after_two_of_three_chunks(small_root, tmp_path, monkeypatch)
     for bad in ({"chunks": []}, {"chunks": [[0, 4, "x"], [4, 2, "y"]]}, {"done": 12}):
         prog.write_text(json.dumps({**state, **bad}))
         caplog.clear()
@@ -161,12 +167,7 @@ def test_non_finite_rows_are_never_published(small_root, tmp_path, monkeypatch):
 def test_progress_record_with_skipped_rows_out_of_range_is_discarded(small_root, tmp_path, monkeypatch, caplog):
     from crossmodal.store import ResumableWriter
 
-    split = load_split(small_root, "val")
-    extract_images(split, TinyImages(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
-    npy = tmp_path / "run" / "i.npy"
-    _killed_after_chunks(split, npy, monkeypatch, 2)
-    prog = tmp_path / "run" / "i.progress.json"
-    state = json.loads(prog.read_text())
+    split, npy, prog, state = _killed_after_two_of_three_chunks(small_root, tmp_path, monkeypatch)
     for skipped in ([-1], [999], ["3"], [8]):  # -1 would silently drop the last image; row 8 is not done yet
         prog.write_text(json.dumps({**state, "skipped": skipped}))
         caplog.clear()
