@@ -115,6 +115,7 @@ def test_sidecar_records_the_runtime_and_features_stay_valid_across_runtimes(enc
 def test_auto_picks_onnxruntime_on_cpu_only_when_installed(monkeypatch):
     import crossmodal.runtimes as rt
 
+    monkeypatch.setattr(rt, "openvino_bf16", lambda: False)  # OpenVINO's turn: tests/test_text_runtime_openvino.py
     assert rt.resolve_runtime("auto", "cpu") == "onnxruntime"
     assert rt.resolve_runtime("auto", "cuda") == "torch" and rt.resolve_runtime("torch", "cpu") == "torch"
     with pytest.raises(ModelError, match="CPU only"):
