@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -247,10 +248,11 @@ class OvSession:
             raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0][:200]}") from None
         self.path, self.precision = Path(path), self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.inputs = [i.get_any_name() for i in self.model.inputs]
-        self.request = self.model.create_infer_request()
+        self.request, self.lock = self.model.create_infer_request(), threading.Lock()
 
     def run(self, feeds: dict) -> np.ndarray:
-        out = self.request.infer({k: np.ascontiguousarray(feeds[k]) for k in self.inputs})  # copies out
+        with self.lock:  # one request: one caller at a time (ONNX Runtime's sessions are thread-safe)
+            out = self.request.infer({k: np.ascontiguousarray(feeds[k]) for k in self.inputs})  # copies out
         return out[self.model.outputs[0]]
 
 
