@@ -6,7 +6,18 @@ import pytest
 
 from crossmodal.coco import load_split
 from crossmodal.text_batches import token_sorted_batches
-from tests.test_perf_runtime import _captions, _cos
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _captions(root) -> list[str]:
+    """Real-ish captions of every length: the generated dataset's, a few very short ones, and
+    long ones cut at max_length (so batches mix padding lengths up to the cap)."""
+    caps = list(load_split(root, "val").captions)
+    long = " ".join(caps[:6])  # ~60 words: truncated
+    return [*caps, "a", "dog .", long, long.upper(), "A man on a horse, 2 dogs & a cat!", "ünïcödé café"]
 
 
 @pytest.fixture(scope="module")

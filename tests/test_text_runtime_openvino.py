@@ -9,7 +9,7 @@ import pytest
 from crossmodal.coco import load_split
 from crossmodal.errors import ModelError
 from tests.conftest import shared
-from tests.test_perf_runtime import _captions, _cos
+from tests.test_text_runtime_batches import _captions, _cos
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")
