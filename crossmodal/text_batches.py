@@ -18,7 +18,9 @@ def token_sorted_batches(tokenizer, texts: list[str], batch_size: int,
                          max_length: int) -> Iterator[tuple[np.ndarray, dict]]:
     """``(rows, feeds)`` per batch: ``rows`` (B,) the positions in ``texts`` of its captions,
     ``feeds`` the tokenizer's arrays (``input_ids``, ``attention_mask``, ...) as int64 (B, T),
-    ``T`` the batch's longest caption in tokens. Batches come shortest first."""
+    ``T`` the batch's longest caption in tokens. Batches come shortest first; none for no texts."""
+    if not len(texts):
+        return
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     lengths = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
     order = np.argsort(lengths, kind="stable")

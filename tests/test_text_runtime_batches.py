@@ -63,3 +63,4 @@ def test_padding_never_changes_a_vector(encoder, small_root, pooling):
     finally:
         encoder.pooling = "mean"
     assert batched.shape == (30, 384) and _cos(batched, single).min() >= 0.9999
+    assert encoder.encode([]).shape == (0, 384)
