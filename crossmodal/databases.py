@@ -84,8 +84,9 @@ def text_parser() -> argparse.ArgumentParser:
                         "'mpnet' = all-mpnet-base-v2 (best in the cross-validation; README for its offline install)")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
-    g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="auto: ONNX Runtime on the CPU when installed (the same vectors), else PyTorch")
+    g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help="auto: on the CPU, OpenVINO where the CPU has bf16, else ONNX Runtime, when installed "
+                        "(the same vectors), else PyTorch")
     g.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
                    help="int8: ONNX Runtime dynamic quantisation, faster and lossy (a setting of the features)")
     g.add_argument("--cache-dir", default=None,

@@ -1,19 +1,26 @@
-"""Faster CPU runtimes for the encoders, at equal output: ONNX Runtime.
+"""Faster CPU runtimes for the encoders, at equal output: ONNX Runtime and OpenVINO.
 
 An encoder's PyTorch module is exported once to ONNX (``torch.onnx.export``) and run by ONNX
-Runtime on the CPU. The export is an output like any other (:mod:`crossmodal.outputs`): locked
-while it is made, published whole with a sidecar, and identified by its *job*: the digest of the
-weights it was made from (:func:`weights_digest`), its inputs, opset and exporter version, and
-its precision. It lives in the cache folder (:func:`cache_dir`: ``$XDG_CACHE_HOME/crossmodal``
-or ``~/.cache/crossmodal``, or the folder a caller gives), under ``onnx/``; a second encoder of
-the same weights reuses it, other weights get another file.
+Runtime or OpenVINO (which reads the same export) on the CPU. The export is an output like any
+other (:mod:`crossmodal.outputs`): locked while it is made, published whole with a sidecar, and
+identified by its *job*: the digest of the weights it was made from (:func:`weights_digest`), its
+inputs, opset and exporter version, and its precision. It lives in the cache folder
+(:func:`cache_dir`: ``$XDG_CACHE_HOME/crossmodal`` or ``~/.cache/crossmodal``, or the folder a
+caller gives), under ``onnx/``; a second encoder of the same weights reuses it, other weights get
+another file. OpenVINO compiles the export in memory when a session opens (about a second).
 
 ``fp32`` exports give PyTorch's vectors (cosine >= 0.9999 on every row, tested in
 ``tests/test_perf_runtime.py``). ``int8`` is ONNX Runtime's dynamic quantisation of the fp32
 export: faster, lossy (its cost is in BENCHMARKS.md), opt-in, and part of the features' settings.
 
-Runtimes: ``torch`` (eager PyTorch), ``onnxruntime``, and ``auto`` = ONNX Runtime on the CPU
-when the package is installed, else PyTorch (logged; the feature sidecar records which ran).
+OpenVINO runs the fp32 export with its matmuls in bfloat16 (float32 accumulation, LayerNorm and
+softmax in float32) on CPUs with native bf16 (AVX512-BF16 or AMX): about 2x ONNX Runtime's rate
+at cosine >= 0.99997 to PyTorch on every row, within the project's equal-output bound (tested in
+``tests/test_text_runtime_openvino.py``; the rates are in BENCHMARKS.md). Elsewhere it runs float32.
+
+Runtimes: ``torch`` (eager PyTorch), ``onnxruntime``, ``openvino``, and ``auto`` = on the CPU,
+OpenVINO when installed and the CPU has native bf16, else ONNX Runtime when installed, else
+PyTorch (logged; the feature sidecar records which ran, and at what inference precision).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -31,7 +39,7 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "int8")
 OPSET = 17
 
@@ -53,9 +61,32 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__.split("-")[0]
+
+
+def openvino_bf16() -> bool:
+    """Whether OpenVINO is installed and this CPU runs bf16 matmuls natively (AVX512-BF16, AMX)."""
+    if openvino_version() is None:
+        return False
+    import openvino as ov
+
+    try:
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except RuntimeError as e:  # no CPU plugin in this build: auto passes OpenVINO by
+        log.info("OpenVINO cannot query the CPU (%s): not using it", str(e).strip().splitlines()[0][:200])
+        return False
+
+
 def resolve_runtime(runtime: str, device, precision: str = "fp32") -> str:
-    """``torch`` or ``onnxruntime`` for a requested ``runtime`` on ``device``. ``auto`` picks ONNX
-    Runtime on the CPU when installed; ``int8`` needs ONNX Runtime on the CPU."""
+    """``torch``, ``onnxruntime`` or ``openvino`` for a requested ``runtime`` on ``device``.
+    ``auto`` on the CPU: OpenVINO when installed and the CPU has native bf16 (:func:`openvino_bf16`),
+    else ONNX Runtime when installed, else PyTorch; ``int8`` needs ONNX Runtime on the CPU."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     if precision not in PRECISIONS:
@@ -69,6 +100,12 @@ def resolve_runtime(runtime: str, device, precision: str = "fp32") -> str:
         raise ModelError("--runtime onnxruntime needs the CPU and the packages onnxruntime and onnx "
                          "(pip install them: requirements.txt pins them)" if cpu else
                          "--runtime onnxruntime runs on the CPU only; use --runtime torch on a GPU")
+    if runtime == "openvino" and (precision != "fp32" or not cpu or openvino_version() is None):
+        raise ModelError("--runtime openvino runs fp32 models on the CPU and needs the package openvino "
+                         "(pip install it: requirements.txt pins it)" if cpu else
+                         "--runtime openvino runs on the CPU only; use --runtime torch on a GPU")
+    if runtime == "auto" and cpu and precision == "fp32" and openvino_bf16():
+        return "openvino"
     if runtime == "auto":
         if cpu and not have:
             log.info("ONNX Runtime is not installed: encoding with PyTorch (pip install onnxruntime onnx for a "
@@ -196,10 +233,38 @@ class OrtSession:
         return self.session.run(None, {k: np.ascontiguousarray(feeds[k]) for k in self.inputs})[0]
 
 
-def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", folder: str | Path | None = None,
-                      required: bool = True) -> tuple[Path | None, OrtSession | None]:
+class OvSession:
+    """An OpenVINO CPU model compiled from an ONNX export: bf16 matmuls where the CPU has them
+    (``precision``: what OpenVINO chose, ``bf16`` or ``f32``). ``run(feeds)`` -> the first output."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, hint: str | None = None):
+        """``hint``: ``f32`` forces float32 matmuls (the benchmark's comparison); default: bf16
+        where the CPU has it."""
+        import openvino as ov
+
+        core, self.threads = ov.Core(), threads or torch.get_num_threads()
+        hint = hint or ("bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32")
+        try:
+            self.model = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": self.threads,
+                                                               "INFERENCE_PRECISION_HINT": hint,
+                                                               "PERFORMANCE_HINT": "LATENCY"})
+        except Exception as e:  # OpenVINO raises RuntimeError and its own types for a corrupt file
+            raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0][:200]}") from None
+        self.path, self.precision = Path(path), self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.inputs = [i.get_any_name() for i in self.model.inputs]
+        self.request, self.lock = self.model.create_infer_request(), threading.Lock()
+
+    def run(self, feeds: dict) -> np.ndarray:
+        with self.lock:  # one request: one caller at a time (ONNX Runtime's sessions are thread-safe)
+            out = self.request.infer({k: np.ascontiguousarray(feeds[k]) for k in self.inputs})  # copies out
+        return out[self.model.outputs[0]]
+
+
+def start_session(module, example: dict, tag: str, runtime: str = "onnxruntime", precision: str = "fp32",
+                  folder: str | Path | None = None, required: bool = True) -> tuple[Path | None, object]:
     """Export a module whose first output is ``last_hidden_state`` (B, T, H) (once per weights:
-    :func:`export_onnx`, inputs and output dynamic in batch and tokens) and open a session over
+    :func:`export_onnx`, inputs and output dynamic in batch and tokens) and open an
+    :class:`OrtSession` (``runtime`` ``onnxruntime``) or :class:`OvSession` (``openvino``) over
     it. When not ``required`` (runtime ``auto``), a failure is logged and gives ``(None, None)``:
     the caller runs PyTorch, and its sidecar says so."""
     from .outputs import OutputBusyError
@@ -207,22 +272,31 @@ def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", 
     dynamic = {n: {0: "batch", 1: "tokens"} for n in [*example, "last_hidden_state"]}
     try:
         path, _ = export_onnx(module, example, ["last_hidden_state"], dynamic, tag, precision, folder)
-        return path, OrtSession(path)
+        return path, (OvSession if runtime == "openvino" else OrtSession)(path)
     except (ModelError, OutputBusyError) as e:
         if required:
             raise
-        log.warning("ONNX Runtime unavailable (%s): encoding with PyTorch", e)
+        log.warning("%s unavailable (%s): encoding with PyTorch", runtime, e)
         return None, None
 
 
+def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", folder: str | Path | None = None,
+                      required: bool = True) -> tuple[Path | None, OrtSession | None]:
+    """:func:`start_session` with ONNX Runtime."""
+    return start_session(module, example, tag, "onnxruntime", precision, folder, required)
+
+
 def runtime_record(runtime: str, precision: str = "fp32", export: Path | None = None,
-                   threads: int | None = None) -> dict:
-    """What a feature sidecar records of the runtime that made its vectors."""
+                   threads: int | None = None, inference_precision: str | None = None) -> dict:
+    """What a feature sidecar records of the runtime that made its vectors (OpenVINO: the
+    precision its matmuls ran at, ``inference_precision``)."""
     if runtime == "torch":
         return {"name": "torch", "version": torch.__version__, "threads": torch.get_num_threads()}
     from .outputs import read_sidecar
 
     side = read_sidecar(export.with_suffix(".json")) or {}
-    return {"name": "onnxruntime", "version": onnxruntime_version(), "precision": precision, "threads": threads,
+    version = openvino_version() if runtime == "openvino" else onnxruntime_version()
+    extra = {"inference_precision": inference_precision} if runtime == "openvino" else {}
+    return {"name": runtime, "version": version, "precision": precision, **extra, "threads": threads,
             "export": export.name, "export_sha256_16": (side.get("files") or {}).get(export.name, {}).get("sha256"),
             "weights_sha256_16": (side.get("job") or {}).get("weights_sha256_16")}

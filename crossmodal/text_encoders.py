@@ -211,14 +211,15 @@ class BertEncoder:
     def __init__(self, model: str = DEFAULT_BERT, pooling: str = "mean", max_length: int = 64,
                  device: torch.device | str = "cpu", runtime: str = "auto", precision: str = "fp32",
                  cache_dir: str | Path | None = None):
-        """``runtime``: ``auto`` (ONNX Runtime on the CPU when installed, else PyTorch), ``torch`` or
-        ``onnxruntime`` (:mod:`crossmodal.runtimes`; same vectors). ``precision`` ``int8``: ONNX
-        Runtime's dynamic quantisation, faster and lossy (a setting of the features). ``cache_dir``:
-        where the ONNX export is kept (default ``~/.cache/crossmodal``)."""
+        """``runtime``: ``auto`` (on the CPU: OpenVINO where it has bf16, else ONNX Runtime, when
+        installed; else PyTorch), ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`crossmodal.runtimes`;
+        same vectors). ``precision`` ``int8``: ONNX Runtime's dynamic quantisation, faster and lossy
+        (a setting of the features). ``cache_dir``: where the ONNX export is kept (default
+        ``~/.cache/crossmodal``)."""
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from .runtimes import resolve_runtime, start_onnxruntime
+        from .runtimes import resolve_runtime, start_session
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -247,12 +248,12 @@ class BertEncoder:
         self.config, self.precision = self.model.config, precision
         self.dim = self.config.hidden_size
         self.runtime, self.session = resolve_runtime(runtime, self.device, precision), None
-        if self.runtime == "onnxruntime":
+        if self.runtime != "torch":
             tok = self.tokenizer(["a photo of a dog", "two"], padding=True, return_tensors="pt")
             tag = f"{self.config.model_type}-{self.config.num_hidden_layers}x{self.dim}"
-            self.export, self.session = start_onnxruntime(self.model, dict(tok), tag, precision, cache_dir,
-                                                          required=runtime == "onnxruntime" or precision != "fp32")
-            self.runtime, self.model = ("onnxruntime", None) if self.session else ("torch", self.model)
+            self.export, self.session = start_session(self.model, dict(tok), tag, self.runtime, precision, cache_dir,
+                                                      required=runtime != "auto" or precision != "fp32")
+            self.runtime, self.model = (self.runtime, None) if self.session else ("torch", self.model)
 
     def extra_meta(self, npy: Path) -> dict:
         """Sidecar entries of a feature file: the runtime that made the vectors."""
@@ -260,7 +261,8 @@ class BertEncoder:
 
         if self.runtime == "torch":
             return {"runtime": runtime_record("torch")}
-        return {"runtime": runtime_record("onnxruntime", self.precision, self.export, self.session.threads)}
+        return {"runtime": runtime_record(self.runtime, self.precision, self.export, self.session.threads,
+                                          getattr(self.session, "precision", None))}
 
     def describe(self) -> dict:
         cfg = self.config
@@ -275,30 +277,25 @@ class BertEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
-        """Batched, sorted by length to cut padding; rows come back in input order."""
+        """(N, dim) float32, batched by token count (:mod:`crossmodal.text_batches`); rows come
+        back in input order."""
         from tqdm import tqdm
 
-        order = np.argsort([len(t) for t in texts], kind="stable")
+        from .text_batches import pool, token_sorted_batches
+
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         use_amp = self.device.type == "cuda"
-        for s in tqdm(range(0, len(texts), batch_size), desc="bert", unit="batch", disable=not progress,
-                      mininterval=2):
-            idx = order[s : s + batch_size]
-            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="np" if self.session else "pt")
+        batches = token_sorted_batches(self.tokenizer, texts, batch_size, self.max_length)
+        for idx, feeds in tqdm(batches, total=-(-len(texts) // batch_size), desc="bert", unit="batch",
+                               disable=not progress, mininterval=2):
+            tok = {k: torch.from_numpy(v) for k, v in feeds.items()}
             if self.session:
-                hidden = torch.from_numpy(self.session.run(tok))  # (B, T, H)
-                tok = {k: torch.from_numpy(v) for k, v in tok.items()}
+                hidden = torch.from_numpy(self.session.run(feeds))  # (B, T, H)
             else:
-                tok = tok.to(self.device)
+                tok = {k: v.to(self.device) for k, v in tok.items()}
                 with torch.autocast("cuda", enabled=use_amp):
                     hidden = self.model(**tok).last_hidden_state.float()  # (B, T, H)
-            if self.pooling == "cls":
-                vec = hidden[:, 0]
-            else:
-                mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                vec = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-            out[idx] = vec.cpu().numpy()
+            out[idx] = pool(hidden, tok["attention_mask"], self.pooling).cpu().numpy()
         return out
 
 

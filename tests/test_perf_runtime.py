@@ -7,13 +7,10 @@ import pytest
 
 from crossmodal.coco import load_split
 from crossmodal.errors import ModelError
+from tests.test_text_runtime_batches import _captions, _cos
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
-
-
-def _cos(a, b):
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +19,6 @@ def encoders(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("cache")
     return BertEncoder(runtime="torch"), BertEncoder(runtime="onnxruntime", cache_dir=cache), cache
-
-
-def _captions(root) -> list[str]:
-    """Real-ish captions of every length: the generated dataset's, a few very short ones, and
-    long ones cut at max_length (so batches mix padding lengths up to the cap)."""
-    caps = list(load_split(root, "val").captions)
-    long = " ".join(caps[:6])  # ~60 words: truncated
-    return [*caps, "a", "dog .", long, long.upper(), "A man on a horse, 2 dogs & a cat!", "ünïcödé café"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
@@ -115,6 +104,7 @@ def test_sidecar_records_the_runtime_and_features_stay_valid_across_runtimes(enc
 def test_auto_picks_onnxruntime_on_cpu_only_when_installed(monkeypatch):
     import crossmodal.runtimes as rt
 
+    monkeypatch.setattr(rt, "openvino_bf16", lambda: False)  # OpenVINO's turn: tests/test_text_runtime_openvino.py
     assert rt.resolve_runtime("auto", "cpu") == "onnxruntime"
     assert rt.resolve_runtime("auto", "cuda") == "torch" and rt.resolve_runtime("torch", "cpu") == "torch"
     with pytest.raises(ModelError, match="CPU only"):
