@@ -16,7 +16,8 @@ config; as the scripts do, a run's score is the rsum (R@1/5/10 of both direction
 best validation epoch; the last epoch's rsum is kept too. Each config is scored over every
 (fold, seed): mean and standard deviation of the runs, and the paired difference to the
 baseline (same fold, same seed), which removes the variation between folds; rows with a
-reference row (an ensemble's best member, fastText's img2text model) are paired against it too.
+reference row (fastText's img2text model) are paired against it too, and an ensemble against
+its members' mean (run by run: what averaging gains over one of its models) and its best member.
 
 Ensembles ("ens-*") are their members' best-epoch models scored as one by
 :func:`crossmodal.ensemble.combine`, the code behind ``retrieve_img2text.py --run A --run B``:
@@ -58,7 +59,7 @@ class Config:
     direction: str = "img2text"
     members: tuple = ()
     seed_offset: int = 0
-    ref: str = "baseline"  # the row it is also paired against (an ensemble: its best member)
+    ref: str = "baseline"  # another row it is also paired against (an ensemble: its members' mean)
 
 
 def _img(**kw) -> dict:
@@ -141,9 +142,9 @@ def configs() -> list[Config]:
         Config("ft-seed+100", "img2text.py (fastText), other seeds (ensemble member)", txt=ft, seed_offset=100,
                ref="ft-i2t"),
         Config("ens-ft-i2t+t2i", "average of today's img2text.py and text2img.py (fastText) models",
-               members=("ft-i2t", "ft-t2i"), ref="ft-i2t"),
+               members=("ft-i2t", "ft-t2i")),
         Config("ens-ft-2seeds", "img2text.py (fastText): average of two seeds' models",
-               members=("ft-i2t", "ft-seed+100"), ref="ft-i2t"),
+               members=("ft-i2t", "ft-seed+100")),
         Config("ens-ft+bert", "average of today's img2text.py (fastText) and img2text_bert.py models",
                members=("ft-i2t", "baseline")),
         Config("ens-4scripts", "average of the four scripts' models (img2text/text2img x fastText/MiniLM)",
@@ -270,9 +271,11 @@ def _paired(runs: list[dict], other: list[dict]) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
 
 
-def summarise(name: str, runs: list[dict], base: list[dict] | None, ref: tuple[str, list[dict]] | None = None) -> dict:
-    """Mean ± std of the best-epoch rsum, R@1s, and the paired differences to the baseline (and
-    to ``ref``, a (name, runs) pair, when it is another row)."""
+def summarise(name: str, runs: list[dict], base: list[dict] | None, ref: tuple[str, list[dict]] | None = None,
+              members: list[list[dict]] = ()) -> dict:
+    """Mean ± std of the best-epoch rsum, R@1s, and the paired differences to the baseline, to
+    ``ref`` (a (name, runs) pair) when it is another row, and for an ensemble to its members'
+    mean rsum (run by run: what averaging gains over one of its models)."""
     best = np.array([r["best"]["rsum"] for r in runs])
     out = {"rsum_mean": float(best.mean()), "rsum_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
            "i2t_R1": float(np.mean([r["best"]["img2text_R@1"] for r in runs])),
@@ -285,6 +288,12 @@ def summarise(name: str, runs: list[dict], base: list[dict] | None, ref: tuple[s
     if ref is not None and ref[0] not in (name, "baseline") and len(ref[1]) == len(runs):
         out["ref"] = ref[0]
         out["ref_delta_mean"], out["ref_delta_std"] = _paired(runs, ref[1])
+    if members:
+        mean = [{"best": {"rsum": float(np.mean([m[i]["best"]["rsum"] for m in members]))}} for i in range(len(runs))]
+        out["ref"] = "members' mean"
+        out["ref_delta_mean"], out["ref_delta_std"] = _paired(runs, mean)
+        best = max(members, key=lambda m: np.mean([r["best"]["rsum"] for r in m]))
+        out["best_member_delta_mean"], out["best_member_delta_std"] = _paired(runs, best)
     return out
 
 
@@ -298,11 +307,14 @@ def table(cfgs: dict, summary: dict) -> str:
     difference exceeds one std above (below) zero."""
     with_ref = any("ref" in s for s in summary.values())
     lines = ["| config | what | rsum mean ± std | Δ vs baseline (paired) | "
-             + ("Δ vs reference row (paired) | " if with_ref else "") + "last-epoch rsum | i2t R@1 | t2i R@1 |",
+             + ("Δ vs reference (paired) | " if with_ref else "") + "last-epoch rsum | i2t R@1 | t2i R@1 |",
              "|---|---|---|---|" + ("---|" if with_ref else "") + "---|---|---|"]
     for name, s in summary.items():
         delta = _delta(s["delta_mean"], s["delta_std"]) if "delta_mean" in s and name != "baseline" else "-"
-        ref = f"{_delta(s['ref_delta_mean'], s['ref_delta_std'])} vs {s['ref']} | " if "ref" in s else "- | "
+        ref = f"{_delta(s['ref_delta_mean'], s['ref_delta_std'])} vs {s['ref']}" if "ref" in s else "-"
+        if "best_member_delta_mean" in s:
+            ref += f"; {_delta(s['best_member_delta_mean'], s['best_member_delta_std'])} vs the best member"
+        ref += " | "
         last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
         lines.append(f"| {name} | {cfgs[name].what} | {s['rsum_mean']:.1f} ± {s['rsum_std']:.1f} | {delta} | "
                      + (ref if with_ref else "") + f"{last} | {s['i2t_R1']:.1f} | {s['t2i_R1']:.1f} |")
@@ -384,7 +396,8 @@ def main(argv=None):
     for name in names:
         get(name)
         ref = all_cfgs[name].ref
-        summary[name] = summarise(name, runs[name], runs["baseline"], (ref, get(ref)))
+        summary[name] = summarise(name, runs[name], runs["baseline"], (ref, get(ref)),
+                                  [get(m) for m in all_cfgs[name].members])
         raw[name] = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows", "val_ids")}
                      for r in runs[name]]
         save(a.out, merged(a.out, {

@@ -110,3 +110,17 @@ def test_a_run_of_some_rows_keeps_the_others(tmp_path, monkeypatch):
     assert new["extract_s"] == {"x": 1.0}
     with pytest.raises(SystemExit, match="other folds"):
         cv_defaults.merged("cv", {"folds": 3, "seeds": 3, "epochs": 30})
+
+
+def test_an_ensemble_is_paired_against_its_members_mean_and_best_member():
+    runs = lambda *xs: [{"best": {"rsum": x, "img2text_R@1": 0.0, "text2img_R@1": 0.0, "epoch": 1}, "last_rsum": None}
+                        for x in xs]  # noqa: E731
+    a, b, ens = runs(10, 20, 30), runs(14, 30, 40), runs(13, 26, 36)
+    s = cv_defaults.summarise("ens", ens, a, ("baseline", a), [a, b])
+    assert s["ref"] == "members' mean" and s["ref_delta_mean"] == pytest.approx(np.mean([1, 1, 1]))
+    assert s["ref_delta_std"] == pytest.approx(0.0)
+    assert s["best_member_delta_mean"] == pytest.approx(np.mean([-1, -4, -4]))  # b has the higher mean
+    assert s["delta_mean"] == pytest.approx(np.mean([3, 6, 6]))
+    cfg = {"ens": cv_defaults.Config("ens", "two runs", members=("a", "b"))}
+    row = cv_defaults.table(cfg, {"ens": s}).splitlines()[-1]
+    assert "+1.0 ± 0.0 **win** vs members' mean" in row and "loss vs the best member" in row
