@@ -149,6 +149,10 @@ def configs() -> list[Config]:
                members=("ft-i2t", "baseline")),
         Config("ens-4scripts", "average of the four scripts' models (img2text/text2img x fastText/MiniLM)",
                members=("ft-i2t", "ft-t2i", "baseline", "baseline-t2i")),
+        Config("ft-i2t-200k", "img2text.py, fastText with make_database_text.py's defaults (300-d, 10 epochs, 200k "
+               "buckets)", txt={**ft, "epoch": 10, "bucket": 200_000}, ref="ft-i2t"),
+        Config("ens-ft200k+bert", "average of img2text.py (fastText, 200k buckets) and img2text_bert.py models",
+               members=("ft-i2t-200k", "baseline")),
         # the opt-in int8 caption encoder, paired against fp32 (the baseline's MiniLM through ONNX Runtime fp32)
         Config("int8", "today's img2text_bert.py, MiniLM through ONNX Runtime int8 (--precision int8)",
                txt=_txt(precision="int8")),
