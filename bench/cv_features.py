@@ -154,7 +154,8 @@ class Features:
         k = f"txt_{spec_key(spec)}_{fold}"
         if k not in self.mem:
             t0 = time.perf_counter()
-            model = train_fasttext(train, self.cache / "fasttext", dim=spec["dim"], epoch=spec["epoch"],
+            folder = self.cache / "fasttext" / spec_key(spec)  # one model per fold and setting
+            model = train_fasttext(train, folder, dim=spec["dim"], epoch=spec["epoch"],
                                    bucket=spec["bucket"], threads=1)
             val_ids = np.setdiff1d(self.split.image_ids, train.image_ids)
             check_fasttext_fold(model, train, val_ids)

@@ -46,6 +46,8 @@ def test_fasttext_fold_model_sees_only_the_folds_training_captions(small_root, t
         assert not set(model_ids) & set(feats.split.image_ids[val_rows].tolist())
         seen.append(meta["weights"]["sha256_16"])
     assert seen[0] != seen[1]  # one model per fold
+    other = feats.txt({**SMALL_FT, "epoch": 3}, np.setdiff1d(np.arange(n), folds[0]))[1]  # and per setting
+    assert other["weights"]["sha256_16"] not in seen
     with pytest.raises(ValueError, match="per fold"):
         feats.txt(SMALL_FT)
 
