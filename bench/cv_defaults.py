@@ -1,6 +1,6 @@
 """Defaults chosen by k-fold cross-validation on the 130 real coco-mini images.
 
-    python -m bench.cv_defaults --mpnet mpnet        # every config (about 45 min on 2 cores)
+    python -m bench.cv_defaults --mpnet mpnet        # every config (about 60 min on 2 cores)
     python -m bench.cv_defaults --configs baseline,hardest-both --folds 5 --seeds 3
     python -m bench.cv_defaults --configs ft-i2t,ens-ft+bert,int8   # the scripts' ensembles, int8 captions
 
