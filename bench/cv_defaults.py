@@ -1,23 +1,32 @@
 """Defaults chosen by k-fold cross-validation on the 130 real coco-mini images.
 
-    python -m bench.cv_defaults --mpnet mpnet        # every config (about 45 min on 2 cores)
+    python -m bench.cv_defaults --mpnet mpnet        # every config (about 60 min on 2 cores)
     python -m bench.cv_defaults --configs baseline,hardest-both --folds 5 --seeds 3
+    python -m bench.cv_defaults --configs ft-i2t,ens-ft+bert,int8   # the scripts' ensembles, int8 captions
 
 Folds are by image: the id-sorted images of ``train2017`` (130) cut into ``--folds``
 contiguous blocks (fold f is ``train2017[26f:26(f+1)]`` for 5 folds); each run trains on the
 other blocks (104 images, 520 captions) and validates on fold f (26 images, 130 captions).
-Features are extracted once per encoder setting for the whole split (cached in
-``--cache-dir``) and cut into the folds' rows in memory, so no image or caption of a
-validation fold is ever trained on (checked). Training is :class:`crossmodal.train.Trainer`,
-the loop the training scripts run, with the flags of each config; as the scripts do, a run's
-score is the rsum (R@1/5/10 of both directions, in %) of its best validation epoch; the
-last epoch's rsum is kept too. Each config is scored over every (fold, seed): mean and
-standard deviation of the runs, and the paired difference to the baseline (same fold, same
-seed), which removes the variation between folds.
+Features (``bench/cv_features.py``) are extracted once per encoder setting for the whole split
+(cached in ``--cache-dir``) and cut into the folds' rows in memory, so no image or caption of a
+validation fold is ever trained on (checked); fastText is trained per fold on that fold's
+training captions only, as the scripts train it on a training split (checked). Training is
+:class:`crossmodal.train.Trainer`, the loop the training scripts run, with the flags of each
+config; as the scripts do, a run's score is the rsum (R@1/5/10 of both directions, in %) of its
+best validation epoch; the last epoch's rsum is kept too. Each config is scored over every
+(fold, seed): mean and standard deviation of the runs, and the paired difference to the
+baseline (same fold, same seed), which removes the variation between folds; rows with a
+reference row (fastText's img2text model) are paired against it too, and an ensemble against
+its members' mean (run by run: what averaging gains over one of its models) and its best member.
 
-Ensembles average the cosine similarities of their members' best-epoch models (for example
-the img2text and text2img models, or heads trained on CLS and on mean-pooled BERT features).
-Results: ``bench/results/cv_defaults.json`` (every run) and a markdown table on stdout.
+Ensembles ("ens-*") are their members' best-epoch models scored as one by
+:func:`crossmodal.ensemble.combine`, the code behind ``retrieve_img2text.py --run A --run B``:
+averaged cosine similarity (for example the img2text and text2img models, fastText and BERT
+models, or two seeds). Image settings are keyword arguments of the image encoder or of
+``extract_images`` (any new one works as a row's ``img``); caption settings include
+``precision: int8`` (ONNX Runtime's dynamic quantisation, paired against the fp32 baseline).
+Results: ``bench/results/cv_defaults.json`` (every run; a run of some rows keeps the others
+there) and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SHARED, save
+from bench.common import RESULTS, SHARED, save
+from bench.cv_features import FASTTEXT, Features
 
 BASE_IMG = {"variant": 0, "input_size": 256, "levels": (1, 2, 3), "pool": "mean"}
 BASE_TXT = {"model": "minilm", "pooling": "mean"}
@@ -49,6 +59,7 @@ class Config:
     direction: str = "img2text"
     members: tuple = ()
     seed_offset: int = 0
+    ref: str = "baseline"  # another row it is also paired against (an ensemble: its members' mean)
 
 
 def _img(**kw) -> dict:
@@ -122,62 +133,31 @@ def configs() -> list[Config]:
         Config("ens-mpnet-4", f"{wn}, all-mpnet-base-v2: average of 4 models (Lite0 384 px x 2 seeds, Lite2 384 "
                "px, Lite0 256 px)", members=("mpnet-img-384", "mpnet-img-384-seed+100", "mpnet-lite2-384", "mpnet")),
     ]
+    ft, ftw = FASTTEXT, "fastText trained per fold on its training captions (the pipeline's: 300-d, 20 epochs, " \
+        "20k buckets)"
+    # the scripts' own models and their ensembles (crossmodal.ensemble.combine, as retrieve_*.py --run A --run B)
+    c += [
+        Config("ft-i2t", f"today's img2text.py: {ftw}", txt=ft),
+        Config("ft-t2i", "today's text2img.py (fastText)", txt=ft, direction="text2img", ref="ft-i2t"),
+        Config("ft-seed+100", "img2text.py (fastText), other seeds (ensemble member)", txt=ft, seed_offset=100,
+               ref="ft-i2t"),
+        Config("ens-ft-i2t+t2i", "average of today's img2text.py and text2img.py (fastText) models",
+               members=("ft-i2t", "ft-t2i")),
+        Config("ens-ft-2seeds", "img2text.py (fastText): average of two seeds' models",
+               members=("ft-i2t", "ft-seed+100")),
+        Config("ens-ft+bert", "average of today's img2text.py (fastText) and img2text_bert.py models",
+               members=("ft-i2t", "baseline")),
+        Config("ens-4scripts", "average of the four scripts' models (img2text/text2img x fastText/MiniLM)",
+               members=("ft-i2t", "ft-t2i", "baseline", "baseline-t2i")),
+        Config("ft-i2t-200k", "img2text.py, fastText with make_database_text.py's defaults (300-d, 10 epochs, 200k "
+               "buckets)", txt={**ft, "epoch": 10, "bucket": 200_000}, ref="ft-i2t"),
+        Config("ens-ft200k+bert", "average of img2text.py (fastText, 200k buckets) and img2text_bert.py models",
+               members=("ft-i2t-200k", "baseline")),
+        # the opt-in int8 caption encoder, paired against fp32 (the baseline's MiniLM through ONNX Runtime fp32)
+        Config("int8", "today's img2text_bert.py, MiniLM through ONNX Runtime int8 (--precision int8)",
+               txt=_txt(precision="int8")),
+    ]
     return c
-
-
-# ---------------------------------------------------------------- features (once per setting)
-
-
-def _key(d: dict) -> str:
-    return "_".join(f"{k}{'-'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(d.items()))
-
-
-class Features:
-    """Whole-split features per encoder setting, extracted once into ``cache`` and kept in memory."""
-
-    def __init__(self, root: Path, cache: Path, models: dict | None = None):
-        from crossmodal.coco import load_split
-
-        self.split = load_split(str(root), "train2017")
-        self.cache, self.mem, self.seconds, self.models = cache, {}, {}, models or {}
-
-    def img(self, spec: dict) -> tuple[np.ndarray, dict]:
-        from crossmodal.extract import extract_images
-        from crossmodal.image_encoders import EffNetLite0Regions
-        from crossmodal.store import load_features
-
-        k = "img_" + _key(spec)
-        if k not in self.mem:
-            npy = self.cache / f"train2017_{k}.npy"
-            t0 = time.perf_counter()
-            enc = EffNetLite0Regions(input_size=spec["input_size"], levels=spec["levels"], variant=spec["variant"],
-                                     pool=spec["pool"])
-            extract_images(self.split, enc, npy, batch_size=4, progress=False)
-            self.seconds[k] = time.perf_counter() - t0
-            self.mem[k] = load_features(npy, mmap=False)
-        return self.mem[k]
-
-    def txt(self, spec: dict) -> tuple[np.ndarray, dict]:
-        from crossmodal.extract import extract_texts
-        from crossmodal.store import load_features
-        from crossmodal.text_encoders import BertEncoder
-
-        k = "txt_" + _key(spec)
-        if k not in self.mem:
-            parts = spec["pooling"].split("+")  # "cls+mean": the two poolings side by side
-            arrays, metas = [], []
-            for pooling in parts:
-                npy = self.cache / f"train2017_txt_{_key({**spec, 'pooling': pooling})}.npy"
-                t0 = time.perf_counter()
-                enc = BertEncoder(self.models.get(spec["model"], spec["model"]), pooling=pooling)
-                extract_texts(self.split, enc, npy, progress=False)
-                self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t0
-                a, m = load_features(npy, mmap=False)
-                arrays.append(a)
-                metas.append(m)
-            meta = dict(metas[0], settings={**metas[0]["settings"], "pooling": spec["pooling"]})
-            self.mem[k] = (np.ascontiguousarray(np.hstack(arrays)), meta)
-        return self.mem[k]
 
 
 # ---------------------------------------------------------------- folds and runs
@@ -206,16 +186,19 @@ def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epo
     """Train one config on every image but ``val_rows``; per-epoch val rsum, best and last."""
     from crossmodal.coco import rows_of
     from crossmodal.metrics import evaluate
+    from crossmodal.run_state import check_text_model
     from crossmodal.train import Trainer, build_parser
 
     img, im = feats.img(cfg.img)
-    txt, tm = feats.txt(cfg.txt)
-    cap_rows = rows_of(np.asarray(im["ids"]), np.asarray(tm["image_ids"]))
     train_rows = np.setdiff1d(np.arange(len(img)), val_rows)
+    txt, tm = feats.txt(cfg.txt, train_rows)  # fastText: the fold's own model, trained on train_rows' captions
+    cap_rows = rows_of(np.asarray(im["ids"]), np.asarray(tm["image_ids"]))
     train = _pairs(img, im, txt, tm, cap_rows, train_rows)
     val = _pairs(img, im, txt, tm, cap_rows, val_rows)
     assert not set(train.img_meta["ids"]) & set(val.img_meta["ids"]), "a validation image is in the training fold"
-    args = build_parser(cfg.direction, "bert").parse_args(
+    check_text_model(tm, train.img_meta["ids"], "the fold's training images", Path("cv"))  # the scripts' check
+    text_encoder = "fasttext" if cfg.txt["model"] == "fasttext" else "bert"
+    args = build_parser(cfg.direction, text_encoder).parse_args(
         ["--features-dir", ".", "--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress",
          *cfg.argv])
     trainer = Trainer(args, train, val, torch.device("cpu"))
@@ -228,7 +211,13 @@ def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epo
         if best is None or m["rsum"] > best["rsum"]:
             best = {"epoch": epoch, **{k: v for k, v in m.items() if "R@" in k or k == "rsum"}}
             best_emb = (i_emb.numpy(), t_emb.numpy())
-    return {"best": best, "last_rsum": curve[-1], "curve": curve, "emb": best_emb, "val_cap_img_rows": val.cap_img_rows}
+    return {"best": best, "last_rsum": curve[-1], "curve": curve, "emb": best_emb, "val_cap_img_rows": val.cap_img_rows,
+            "val_ids": _val_ids(val.img_meta, val.txt_meta)}
+
+
+def _val_ids(im: dict, tm: dict) -> tuple:
+    """What a run embedded: validation image ids, caption ids, caption image ids (int64 arrays)."""
+    return tuple(np.asarray(x, dtype=np.int64) for x in (im["ids"], tm["ids"], tm["image_ids"]))
 
 
 def _runs_file(cache: Path, sig) -> Path:
@@ -237,14 +226,17 @@ def _runs_file(cache: Path, sig) -> Path:
     return cache / "runs" / (hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16] + ".npz")
 
 
+_ARRAYS = (("i", lambda r: r["emb"][0]), ("t", lambda r: r["emb"][1]), ("r", lambda r: r["val_cap_img_rows"]),
+           ("vi", lambda r: r["val_ids"][0]), ("vc", lambda r: r["val_ids"][1]), ("vci", lambda r: r["val_ids"][2]))
+
+
 def save_runs(cache: Path, sig, runs: list[dict]) -> None:
-    """A config's runs (scores and best-epoch validation embeddings), so a rerun skips them."""
+    """A config's runs (scores, best-epoch validation embeddings and the ids they embed), so a
+    rerun skips them."""
     f = _runs_file(cache, sig)
     f.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{k}{i}": r[key] if key == "val_cap_img_rows" else r["emb"][j]
-              for i, r in enumerate(runs) for k, key, j in (("i", "emb", 0), ("t", "emb", 1),
-                                                              ("r", "val_cap_img_rows", 0))}
-    meta = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows")} for r in runs]
+    arrays = {f"{k}{i}": get(r) for i, r in enumerate(runs) for k, get in _ARRAYS}
+    meta = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows", "val_ids")} for r in runs]
     np.savez(f.with_suffix(".tmp.npz"), meta=json.dumps({"sig": sig, "runs": meta}), **arrays)
     f.with_suffix(".tmp.npz").replace(f)
 
@@ -254,22 +246,40 @@ def load_runs(cache: Path, sig) -> list[dict] | None:
     if not f.is_file():
         return None
     z = np.load(f)
+    if "vi0" not in z:  # cached before the runs kept their ids: retrain
+        return None
     meta = json.loads(str(z["meta"]))["runs"]
-    return [{**m, "emb": (z[f"i{i}"], z[f"t{i}"]), "val_cap_img_rows": z[f"r{i}"]} for i, m in enumerate(meta)]
+    return [{**m, "emb": (z[f"i{i}"], z[f"t{i}"]), "val_cap_img_rows": z[f"r{i}"],
+             "val_ids": (z[f"vi{i}"], z[f"vc{i}"], z[f"vci{i}"])} for i, m in enumerate(meta)]
 
 
-def ensemble(runs: list[dict]) -> dict:
-    """Average cosine similarity of the members' models: concatenated L2-normalised embeddings."""
+def ensemble(runs: list[dict], names: list[str]) -> dict:
+    """The members' best-epoch models scored as one, by :func:`crossmodal.ensemble.combine` (the
+    scripts' ensemble: averaged cosine similarity; it refuses members that embedded other ids)."""
+    from crossmodal.ensemble import combine
     from crossmodal.metrics import evaluate
 
-    i = np.hstack([r["emb"][0] for r in runs]) / np.sqrt(len(runs))
-    t = np.hstack([r["emb"][1] for r in runs]) / np.sqrt(len(runs))
-    m = evaluate(i, t, runs[0]["val_cap_img_rows"], ks=(1, 5))
+    members = [(r["emb"][0], r["emb"][1], r["val_cap_img_rows"],
+                {"split": "cv-fold", "ids": r["val_ids"][0].tolist()},
+                {"split": "cv-fold", "ids": r["val_ids"][1].tolist(), "image_ids": r["val_ids"][2].tolist()})
+               for r in runs]
+    i, t, rows, _, _ = combine(members, names)
+    m = evaluate(i, t, rows, ks=(1, 5))
     return {"best": {"epoch": -1, **{k: v for k, v in m.items() if "R@" in k or k == "rsum"}}, "last_rsum": None,
-            "curve": []}
+            "curve": [], "val_ids": runs[0]["val_ids"]}
 
 
-def summarise(name: str, runs: list[dict], base: list[dict] | None) -> dict:
+def _paired(runs: list[dict], other: list[dict]) -> tuple[float, float]:
+    """Mean and std of the run-by-run rsum difference (same fold, same seed)."""
+    d = np.array([r["best"]["rsum"] for r in runs]) - np.array([r["best"]["rsum"] for r in other])
+    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+
+
+def summarise(name: str, runs: list[dict], base: list[dict] | None, ref: tuple[str, list[dict]] | None = None,
+              members: list[list[dict]] = ()) -> dict:
+    """Mean ± std of the best-epoch rsum, R@1s, and the paired differences to the baseline, to
+    ``ref`` (a (name, runs) pair) when it is another row, and for an ensemble to its members'
+    mean rsum (run by run: what averaging gains over one of its models)."""
     best = np.array([r["best"]["rsum"] for r in runs])
     out = {"rsum_mean": float(best.mean()), "rsum_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
            "i2t_R1": float(np.mean([r["best"]["img2text_R@1"] for r in runs])),
@@ -278,20 +288,58 @@ def summarise(name: str, runs: list[dict], base: list[dict] | None) -> dict:
     last = [r["last_rsum"] for r in runs if r["last_rsum"] is not None]
     out["last_mean"] = float(np.mean(last)) if last else None
     if base is not None and len(base) == len(runs):
-        d = best - np.array([r["best"]["rsum"] for r in base])
-        out["delta_mean"], out["delta_std"] = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        out["delta_mean"], out["delta_std"] = _paired(runs, base)
+    if ref is not None and ref[0] not in (name, "baseline") and len(ref[1]) == len(runs):
+        out["ref"] = ref[0]
+        out["ref_delta_mean"], out["ref_delta_std"] = _paired(runs, ref[1])
+    if members:
+        mean = [{"best": {"rsum": float(np.mean([m[i]["best"]["rsum"] for m in members]))}} for i in range(len(runs))]
+        out["ref"] = "members' mean"
+        out["ref_delta_mean"], out["ref_delta_std"] = _paired(runs, mean)
+        best = max(members, key=lambda m: np.mean([r["best"]["rsum"] for r in m]))
+        out["best_member_delta_mean"], out["best_member_delta_std"] = _paired(runs, best)
     return out
 
 
+def _delta(mean, std) -> str:
+    win = " **win**" if mean - std > 0 else " loss" if mean + std < 0 else ""
+    return f"{mean:+.1f} ± {std:.1f}{win}"
+
+
 def table(cfgs: dict, summary: dict) -> str:
-    lines = ["| config | what | rsum mean ± std | Δ vs baseline (paired) | last-epoch rsum | i2t R@1 | t2i R@1 |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown, one row per config; a Δ column is marked **win** (loss) when the paired mean
+    difference exceeds one std above (below) zero."""
+    with_ref = any("ref" in s for s in summary.values())
+    lines = ["| config | what | rsum mean ± std | Δ vs baseline (paired) | "
+             + ("Δ vs reference (paired) | " if with_ref else "") + "last-epoch rsum | i2t R@1 | t2i R@1 |",
+             "|---|---|---|---|" + ("---|" if with_ref else "") + "---|---|---|"]
     for name, s in summary.items():
-        delta = f"{s['delta_mean']:+.1f} ± {s['delta_std']:.1f}" if "delta_mean" in s else "-"
+        delta = _delta(s["delta_mean"], s["delta_std"]) if "delta_mean" in s and name != "baseline" else "-"
+        ref = f"{_delta(s['ref_delta_mean'], s['ref_delta_std'])} vs {s['ref']}" if "ref" in s else "-"
+        if "best_member_delta_mean" in s:
+            ref += f"; {_delta(s['best_member_delta_mean'], s['best_member_delta_std'])} vs the best member"
+        ref += " | "
         last = f"{s['last_mean']:.1f}" if s["last_mean"] is not None else "-"
-        lines.append(f"| {name} | {cfgs[name].what} | {s['rsum_mean']:.1f} ± {s['rsum_std']:.1f} | {delta} | {last} "
-                     f"| {s['i2t_R1']:.1f} | {s['t2i_R1']:.1f} |")
+        lines.append(f"| {name} | {cfgs[name].what} | {s['rsum_mean']:.1f} ± {s['rsum_std']:.1f} | {delta} | "
+                     + (ref if with_ref else "") + f"{last} | {s['i2t_R1']:.1f} | {s['t2i_R1']:.1f} |")
     return "\n".join(lines)
+
+
+def merged(out: str, payload: dict) -> dict:
+    """``payload`` over the rows already in ``bench/results/<out>.json`` (same folds, seeds and
+    epochs): a run of a few rows adds them and keeps the others."""
+    path = RESULTS / f"{out}.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return payload
+    if any(old.get(k) != payload[k] for k in ("folds", "seeds", "epochs")):
+        raise SystemExit(f"{path} holds runs of other folds/seeds/epochs ({old.get('folds')}/{old.get('seeds')}/"
+                         f"{old.get('epochs')}): give another --out")
+    new = dict(payload)
+    for k in ("configs", "summary", "runs", "extract_s", "txt_runtimes"):
+        new[k] = {**old.get(k, {}), **payload.get(k, {})}
+    return new
 
 
 def main(argv=None):
@@ -337,7 +385,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             if cfg.members:
                 member_runs = [get(m) for m in cfg.members]
-                runs[name] = [ensemble(list(rs)) for rs in zip(*member_runs, strict=True)]
+                runs[name] = [ensemble(list(rs), list(cfg.members)) for rs in zip(*member_runs, strict=True)]
             else:
                 sig = [cfg.img, cfg.txt, cfg.argv, cfg.direction, cfg.seed_offset, a.folds, a.seeds, a.epochs]
                 runs[name] = load_runs(Path(a.cache_dir), sig)
@@ -351,14 +399,18 @@ def main(argv=None):
     get("baseline")  # every config is compared with it, run by run
     for name in names:
         get(name)
-        summary[name] = summarise(name, runs[name], runs["baseline"])
-        raw[name] = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows")} for r in runs[name]]
-        save(a.out, {"folds": a.folds, "seeds": a.seeds, "epochs": a.epochs,
-                     "configs": {n: {"what": all_cfgs[n].what, "img": all_cfgs[n].img, "txt": all_cfgs[n].txt,
-                                     "argv": all_cfgs[n].argv, "direction": all_cfgs[n].direction,
-                                     "members": all_cfgs[n].members} for n in summary},
-                     "summary": summary, "runs": raw, "extract_s": feats.seconds,
-                     "wall_s": round(time.perf_counter() - t_start, 1)})
+        ref = all_cfgs[name].ref
+        summary[name] = summarise(name, runs[name], runs["baseline"], (ref, get(ref)),
+                                  [get(m) for m in all_cfgs[name].members])
+        raw[name] = [{k: v for k, v in r.items() if k not in ("emb", "val_cap_img_rows", "val_ids")}
+                     for r in runs[name]]
+        save(a.out, merged(a.out, {
+            "folds": a.folds, "seeds": a.seeds, "epochs": a.epochs,
+            "configs": {n: {"what": all_cfgs[n].what, "img": all_cfgs[n].img, "txt": all_cfgs[n].txt,
+                            "argv": all_cfgs[n].argv, "direction": all_cfgs[n].direction,
+                            "members": all_cfgs[n].members, "ref": all_cfgs[n].ref} for n in summary},
+            "summary": summary, "runs": raw, "extract_s": feats.seconds, "txt_runtimes": feats.runtimes,
+            "wall_s": round(time.perf_counter() - t_start, 1)}))
     wall = time.perf_counter() - t_start
     print(f"\n{a.folds}-fold CV by image over coco-mini's {feats.split.num_images} images x {a.seeds} seeds "
           f"({a.folds * a.seeds} runs per config), best-epoch val rsum:\n")
