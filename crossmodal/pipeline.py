@@ -170,8 +170,9 @@ def _run(a, runs: Path) -> dict:
 def _summary(a, runs: Path, results: dict, figures: dict, wall: float) -> dict:
     """The table of every model against chance; ``summary.txt`` and ``summary.json``, each written whole."""
     from .outputs import tmp_path, write_bytes, write_json
+    from .runs import Run
 
-    img, txt, rows, _, _ = embed.load_embeddings(runs / f"{MODELS[0][1]}_{MODELS[0][2]}", a.val_split)
+    img, txt, rows, _, _ = Run(runs / f"{MODELS[0][1]}_{MODELS[0][2]}").embeddings(a.val_split)
     chance = chance_level(rows, len(img))
     table_rows = {**{f"{n} ({'fastText' if 'fasttext' in n else 'BERT'})": m for n, m in results.items()},
                   "chance (random vectors)": chance}
