@@ -203,7 +203,7 @@ def _figures(a, scored) -> list[Path]:
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
-    check_in_split(split, img_ids, cap_ids, scored.label, a.split, a.coco_root)
+    check_in_split(split, img_ids, cap_ids, scored.label, a.split)
     img_file = {int(i): k for k, i in enumerate(split.image_ids)}
     rng = np.random.default_rng(a.seed)
     written = []

@@ -290,14 +290,14 @@ def _check_reproduces(head, feat_path: Path, emb_meta: dict, emb: np.ndarray, wh
                            f"(max difference {np.abs(got - emb[rows]).max():.3g}): rerun get_features_captions.py")
 
 
-def check_in_split(split, img_ids, cap_ids, where: str, split_name: str, coco_root) -> None:
+def check_in_split(split, img_ids, cap_ids, where: str, split_name: str) -> None:
     """Refuse embeddings (of ``where``) whose image or caption ids the loaded COCO ``split`` lacks."""
     missing = np.setdiff1d(np.asarray(img_ids, dtype=np.int64), split.image_ids)
     known = set(split.caption_ids.tolist())
     missing_caps = [c for c in np.asarray(cap_ids).tolist() if c not in known]
     if len(missing) or missing_caps:
         raise DataError(f"the embeddings of {where} list {len(missing)} image ids and {len(missing_caps)} "
-                        f"caption ids that split {split_name!r} of {coco_root} does not have (first: "
+                        f"caption ids that split {split_name!r} of {split.source} does not have (first: "
                         f"{(missing.tolist() + missing_caps)[:5]}): wrong --coco-root or --split?")
 
 

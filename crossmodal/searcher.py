@@ -93,8 +93,7 @@ class Searcher:
         img_ids = np.asarray(im["ids"], dtype=np.int64)
         cap_ids = np.asarray(tm["ids"], dtype=np.int64)
         sp = load_split(coco_root, split, karpathy_file, skip_bad=True)
-        check_in_split(sp, img_ids, cap_ids, scored.label if scored.is_ensemble else str(scored.folder), split,
-                       coco_root)
+        check_in_split(sp, img_ids, cap_ids, scored.label if scored.is_ensemble else str(scored.folder), split)
         text_of = dict(zip(sp.caption_ids.tolist(), sp.captions, strict=True))
         file_of = {int(i): sp.image_path(r) for r, i in enumerate(sp.image_ids)}
         gallery = Gallery(img_ids=img_ids, cap_ids=cap_ids, cap_img_ids=np.asarray(tm["image_ids"], dtype=np.int64),
