@@ -1,4 +1,5 @@
-"""Checkpoints: loaded safely, checked against the features they are used with, heads rebuilt.
+"""Checkpoints: loaded safely, saved whole, heads rebuilt (whether features fit a checkpoint is
+:func:`crossmodal.encoders.check_features_fit`).
 
 Every ``.pt`` the project reads (a run's ``best.pt``/``last.pt``, ``--detector-weights``) goes
 through :func:`load_state_file`: ``torch.load(weights_only=True)``, with each way a file can fail
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import FeatureError, ModelError
+from .errors import ModelError
 from .heads import ProjectionHead
-from .outputs import diff, save_torch, tmp_path
+from .outputs import save_torch, tmp_path
 
 CHECKPOINT_KEYS = ("img_head", "txt_head", "head_config", "args", "epoch", "img_features", "txt_features")
 
@@ -92,22 +93,3 @@ def heads_from_checkpoint(ck: dict) -> tuple[ProjectionHead, ProjectionHead]:
     img.load_state_dict(ck["img_head"])
     txt.load_state_dict(ck["txt_head"])
     return img.eval(), txt.eval()
-
-
-def encoder_identity(meta: dict) -> dict:
-    """What makes two feature files interchangeable: encoder, settings, weights and dim."""
-    return {k: meta.get(k) for k in ("kind", "encoder", "settings", "weights", "dim")}
-
-
-def check_features_fit(ck: dict, img_meta: dict, txt_meta: dict, where: str) -> None:
-    """Refuse features of another encoder, settings, weights or dim than the checkpoint was trained
-    on; the error names each differing field with both values (``weights.sha256_16: "a1" -> "b2"``)."""
-    for key, meta, what in (("img_features", img_meta, "image"), ("txt_features", txt_meta, "caption")):
-        want, got = ck[key], encoder_identity(meta)
-        if want != got:
-            changes = diff(want, got)
-            fields = sorted({c.split(":")[0].split(".")[0] for c in changes})
-            raise FeatureError(
-                f"{what} features {where} differ from the checkpoint's in {', '.join(fields)} (checkpoint -> "
-                f"features: {'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''}): use the features the "
-                "run was trained on, or retrain")

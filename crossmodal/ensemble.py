@@ -11,17 +11,21 @@ each side::
 so every metric, protocol and Faiss index of the project works on an ensemble unchanged, and
 the ensemble is a model like any other. The members must embed the same split with the same
 ids in the same row order (checked, naming the first member that differs).
+
+New queries (typed sentences, uploaded images) go through every member's encoder and head the
+same way: :class:`StackedEncoder` concatenates the members' features, :class:`StackedHead`
+projects each member's part with its head and concatenates the results scaled by ``1/sqrt(M)``,
+so a query's inner products with ``combine``'s rows are its averaged similarities. Runs are
+opened (and checked) by :mod:`crossmodal.runs`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, FeatureError
+from .errors import FeatureError
 
 #: What every member must share, with the words of the refusal.
 _SAME = (("split", "split"), ("ids", "image ids"), ("caption_ids", "caption ids"), ("image_ids", "caption image ids"))
@@ -36,7 +40,7 @@ def combine(members: list[tuple], names: list[str]) -> tuple:
     """One embedding set out of several runs' embeddings of one split.
 
     ``members``: per run, ``(img (N_img, d_m), text (N_cap, d_m), cap_img_rows (N_cap,), img_meta,
-    text_meta)`` as :func:`crossmodal.embed.load_embeddings` returns it; ``names`` label them in
+    text_meta)`` as :meth:`crossmodal.runs.Run.embeddings` returns it; ``names`` label them in
     errors and in the result. Returns the same 5-tuple for the ensemble: embeddings
     ``(N_img, D)``, ``(N_cap, D)`` with ``D = sum d_m``, float32, whose inner products are the
     members' averaged similarities; the sidecars of the first member with ``members`` (names,
@@ -78,23 +82,6 @@ def averaged_similarity(members: list[tuple]) -> np.ndarray:
     return total / len(members)
 
 
-@dataclass
-class Scored:
-    """What a scoring script works on: one run, or an ensemble of runs.
-
-    ``folder``: where its scores go (the run folder itself, or an ensemble folder beside the first
-    run); ``label``: its name in tables; ``emb``: the 5-tuple of :func:`combine`."""
-
-    folder: Path
-    label: str
-    run_dirs: list[Path]
-    emb: tuple
-
-    @property
-    def is_ensemble(self) -> bool:
-        return len(self.run_dirs) > 1
-
-
 def ensemble_dir(run_dirs: list[Path]) -> Path:
     """``<first run's parent>/ensemble_<name1>+<name2>...`` (a digest of the names when too long)."""
     import hashlib
@@ -105,25 +92,49 @@ def ensemble_dir(run_dirs: list[Path]) -> Path:
     return run_dirs[0].parent / f"ensemble_{names}"
 
 
-@contextlib.contextmanager
-def opened(run_dirs, split: str, out: str | Path | None = None):
-    """Hold every run's shared lock (no retraining under the scores) and yield a :class:`Scored`
-    for their embeddings of ``split``: one run as it is, several combined by :func:`combine`."""
-    from .embed import load_embeddings
-    from .outputs import locked
+class StackedEncoder:
+    """Several members' encoders as one; ``parts[m]`` is member m's (one object may serve several
+    members: it runs once per call). Text: :meth:`encode` -> ``(N, sum f_m)`` float32, the members'
+    features side by side. Images: :meth:`preprocess` -> one input per distinct encoder, and
+    ``self(inputs)`` -> ``(N, sum f_m)`` tensor. :class:`StackedHead` splits them again."""
 
-    run_dirs = [Path(r) for r in run_dirs]
-    seen = [r.resolve() for r in run_dirs]
-    dupes = sorted({str(r) for r in run_dirs if seen.count(r.resolve()) > 1})
-    if dupes:
-        raise DataError(f"--run {dupes[0]} is given twice: an ensemble's members are different runs")
-    if out is not None and len(run_dirs) == 1:
-        raise DataError(f"--out {out} names an ensemble's folder: give two or more --run (one run's scores "
-                        "go into its own folder)")
-    with contextlib.ExitStack() as stack:
-        for r in run_dirs:
-            stack.enter_context(locked(r / "run", shared=True, what=f"run {r}"))
-        names = [r.name for r in run_dirs]
-        emb = combine([load_embeddings(r, split) for r in run_dirs], names)
-        folder = run_dirs[0] if len(run_dirs) == 1 else Path(out) if out else ensemble_dir(run_dirs)
-        yield Scored(folder, "+".join(names), run_dirs, emb)
+    def __init__(self, parts: list):
+        self.unique: list = []
+        for p in parts:
+            if not any(p is u for u in self.unique):
+                self.unique.append(p)
+        self.slot = [next(k for k, u in enumerate(self.unique) if u is p) for p in parts]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        outs = [u.encode(texts) for u in self.unique]
+        return np.ascontiguousarray(np.concatenate([outs[s] for s in self.slot], axis=1), dtype=np.float32)
+
+    def preprocess(self, image) -> tuple:
+        return tuple(u.preprocess(image) for u in self.unique)
+
+    def __call__(self, inputs: list[tuple]):
+        import torch
+
+        outs = [u([x[k] for x in inputs]) for k, u in enumerate(self.unique)]
+        return torch.cat([outs[s] for s in self.slot], dim=1)
+
+    def eval(self):
+        for u in self.unique:
+            u.eval()
+        return self
+
+
+class StackedHead:
+    """Members' heads as one: ``(N, sum f_m)`` features -> ``(N, sum d_m)`` embeddings, member m's
+    head applied to its ``f_m`` columns, all scaled by ``1/sqrt(M)`` as :func:`combine` scales."""
+
+    def __init__(self, heads: list):
+        self.heads = heads
+        self.widths = [h.config["d_in"] for h in heads]
+
+    def __call__(self, x):
+        import torch
+
+        parts = torch.split(x, self.widths, dim=1)
+        out = torch.cat([h(p) for h, p in zip(self.heads, parts, strict=True)], dim=1)
+        return out * float(np.float32(1.0 / np.sqrt(len(self.heads))))

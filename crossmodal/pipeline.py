@@ -50,22 +50,48 @@ STAGES = {
 }
 
 
+#: Where the pipeline's defaults deliberately differ from its stages' (every other default is the
+#: stage parser's own, read from it): flag -> (pipeline default, why).
+PIPELINE_DEFAULTS = {
+    "fasttext_bucket": (20_000, "a smaller subword table: the pipeline's datasets (demo, coco-mini) have few words"),
+    "fasttext_epoch": (20, "more passes over the pipeline's small caption corpora"),
+}
+
+
+def stage_defaults() -> dict:
+    """The defaults of the flags the pipeline passes on, read from the stage parsers that own them."""
+    img, text = databases.image_parser(), databases.text_parser()
+    tr = train.build_parser("img2text", "fasttext")
+    return {"train_split": tr.get_default("train_split"), "val_split": tr.get_default("val_split"),
+            "epochs": tr.get_default("epochs"), "image_encoder": img.get_default("encoder"),
+            **{k: text.get_default(k) for k in ("bert_model", "fasttext_dim", "fasttext_bucket", "fasttext_epoch")}}
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = stage_defaults()
+
+    def own(flag: str, stage: str) -> dict:  # a default the pipeline sets itself, and its help saying so
+        value, why = PIPELINE_DEFAULTS[flag]
+        return {"default": value, "help": f"default {value}, not {stage}'s {d[flag]}: {why}"}
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Defaults are the stage scripts' own, except where a flag's help says why not.")
     p.add_argument("--demo", action="store_true", help="generate and use the embedded demo dataset")
     p.add_argument("--coco-root", default=None, type=existing_dir)
     p.add_argument("--karpathy-file", default=None, type=existing_file)
-    p.add_argument("--train-split", default="train", type=split_name)
-    p.add_argument("--val-split", default="val", type=split_name)
+    p.add_argument("--train-split", default=d["train_split"], type=split_name)
+    p.add_argument("--val-split", default=d["val_split"], type=split_name)
     p.add_argument("--out", default="demo", type=run_name, help="results go to features/<out>/ and runs/<out>/")
-    p.add_argument("--image-encoder", default="effnet-lite0", choices=["effnet-lite0", "fasterrcnn"])
+    p.add_argument("--image-encoder", default=d["image_encoder"], choices=["effnet-lite0", "fasterrcnn"])
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
-                   help="effnet-lite0 input side (default 256)")
-    p.add_argument("--bert-model", default="minilm")
-    p.add_argument("--fasttext-dim", type=int_in_range(1, 2048), default=300)
-    p.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000), default=20_000)
-    p.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), default=20)
-    p.add_argument("--epochs", type=positive_int, default=30)
+                   help="effnet-lite0 input side (default: make_database_img.py's)")
+    p.add_argument("--bert-model", default=d["bert_model"])
+    p.add_argument("--fasttext-dim", type=int_in_range(1, 2048), default=d["fasttext_dim"])
+    p.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000),
+                   **own("fasttext_bucket", "make_database_text.py"))
+    p.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), **own("fasttext_epoch", "make_database_text.py"))
+    p.add_argument("--epochs", type=positive_int, default=d["epochs"],
+                   help="training epochs of each model (default: the training scripts', %(default)s)")
     p.add_argument("--demo-train", type=int_in_range(2, 1_000_000), default=400, help="demo images in train")
     p.add_argument("--demo-val", type=int_in_range(2, 1_000_000), default=100, help="demo images in val")
     p.add_argument("--skip-bad", action="store_true")
@@ -170,8 +196,9 @@ def _run(a, runs: Path) -> dict:
 def _summary(a, runs: Path, results: dict, figures: dict, wall: float) -> dict:
     """The table of every model against chance; ``summary.txt`` and ``summary.json``, each written whole."""
     from .outputs import tmp_path, write_bytes, write_json
+    from .runs import Run
 
-    img, txt, rows, _, _ = embed.load_embeddings(runs / f"{MODELS[0][1]}_{MODELS[0][2]}", a.val_split)
+    img, txt, rows, _, _ = Run(runs / f"{MODELS[0][1]}_{MODELS[0][2]}").embeddings(a.val_split)
     chance = chance_level(rows, len(img))
     table_rows = {**{f"{n} ({'fastText' if 'fasttext' in n else 'BERT'})": m for n, m in results.items()},
                   "chance (random vectors)": chance}

@@ -1,5 +1,5 @@
-"""Scoring a run (``retrieve_img2text.py``, ``retrieve_text2img.py``) and looking at it
-(``main_retrieve.py``).
+"""Scoring a run or an ensemble of runs (``retrieve_img2text.py``, ``retrieve_text2img.py``)
+and looking at it (``main_retrieve.py``); the runs are opened and checked by :mod:`crossmodal.runs`.
 
 Metrics are exact (:mod:`crossmodal.metrics`); top-k lists come from the Faiss index built by
 ``get_features_captions.py`` and are saved beside the metrics.
@@ -25,10 +25,8 @@ from .cli import (
     setup_logging,
     split_name,
 )
-from .embed import embedding_paths
-from .ensemble import opened
 from .errors import DataError, FeatureError
-from .index import build_index, load_index, search
+from .index import search
 from .outputs import append_jsonl, check, locked, publish, read_jsonl, read_sidecar, save_npy, tmp_path
 from .protocols import (
     ECCV_TABLE_KEYS,
@@ -40,6 +38,7 @@ from .protocols import (
     published_rows,
     table_notes,
 )
+from .runs import check_in_split, open_runs
 from .store import safe_split_name
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def format_table(rows: dict[str, dict], keys=TABLE_KEYS, title: str = "", publis
 def run_metrics(argv=None, direction: str = "img2text") -> dict:
     a = metrics_parser(direction).parse_args(argv)
     setup_logging(a.verbose)
-    with opened(a.run, a.split, a.out) as scored:  # refused when not made from the runs' checkpoints
+    with open_runs(a.run, a.split, a.out) as scored:  # refused when not made from the runs' checkpoints
         im, tm = scored.emb[3], scored.emb[4]
         stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
         saved = scored.folder / "retrieval" / f"{stem}_metrics.json"
@@ -136,7 +135,7 @@ def _score(a, direction: str, scored, stem: str, saved: Path, job: dict, figure:
     curve = m.pop(f"{direction}_pr", None)
     m = {k: v for k, v in m.items() if k != "rsum"}
     queries, gallery = (img, "text") if direction == "img2text" else (txt, "img")
-    index = _gallery_index(scored, a.split, gallery)
+    index = scored.index(gallery)
     D, I = search(index, queries, a.k)
     out_dir = saved.parent
     files = {out_dir / f"{stem}_top{a.k}_{name}.npy": arr for name, arr in (("I", I), ("D", D))}
@@ -187,60 +186,11 @@ def figures_parser() -> argparse.ArgumentParser:
     return p
 
 
-def text_encoder_from_sidecar(features_meta: dict, features_path: str | Path | None = None):
-    """Rebuild the caption encoder a run's features came from, to encode new sentences. A trained
-    fastText model is found from the feature file's folder (``features_path``); its digest must be
-    the one the features were made with."""
-    from .errors import ModelError
-    from .store import file_digest
-    from .text_encoders import BertEncoder, FastTextEncoder
-
-    w, s = features_meta["weights"], features_meta["settings"]
-    if features_meta["encoder"] != "fasttext":
-        return BertEncoder(w["model"], pooling=s["pooling"], max_length=s["max_length"],
-                           precision=s.get("precision", "fp32"))  # int8 features: queries encoded the same way
-    rel = Path(features_meta.get("text_model_path") or w["file"])
-    model = rel if rel.is_absolute() or features_path is None else Path(features_path).parent / rel
-    if not model.is_file():
-        raise ModelError(f"the fastText model the caption features were made with is not at {model}")
-    if file_digest(model) != w.get("sha256_16"):
-        raise ModelError(f"fastText model {model} is not the one the caption features were made with (digest "
-                         f"{file_digest(model)}, expected {w.get('sha256_16')})")
-    return FastTextEncoder(model, info={k: v for k, v in w.items() if k not in ("file", "sha256_16")})
-
-
 def run_figures(argv=None) -> list[Path]:
     a = figures_parser().parse_args(argv)
     setup_logging(a.verbose)
-    with opened(a.run, a.split) as scored:  # no retraining under the figures
+    with open_runs(a.run, a.split) as scored:  # no retraining under the figures
         return _figures(a, scored)
-
-
-def _gallery_index(scored, split: str, gallery: str):
-    """The Faiss index over a gallery (``"img"`` or ``"text"``): the run's own, or for an ensemble an
-    exact flat index over the combined vectors (the members' indexes cannot rank averaged similarities)."""
-    emb = scored.emb[0] if gallery == "img" else scored.emb[1]
-    if scored.is_ensemble:
-        return build_index(emb, "flat")
-    return load_index(embedding_paths(scored.folder, split)[f"{gallery}_index"], expect_ntotal=len(emb))
-
-
-def _encode_sentences(scored, sentences: list[str]) -> np.ndarray:
-    """Typed sentences in the common space: ``(len(sentences), D)``, each member's caption encoder
-    and head, concatenated and scaled as :func:`crossmodal.ensemble.combine` does."""
-    import torch
-
-    from .store import load_features
-    from .train import heads_from_checkpoint, load_checkpoint
-
-    parts = []
-    for run_dir, member in zip(scored.run_dirs, scored.emb[4].get("members") or [scored.emb[4]], strict=True):
-        _, txt_head = heads_from_checkpoint(load_checkpoint(run_dir / member["checkpoint"]))  # run-relative paths
-        features = run_dir / member["features"]
-        enc = text_encoder_from_sidecar(load_features(features)[1], features)
-        with torch.inference_mode():
-            parts.append(txt_head(torch.from_numpy(enc.encode(sentences))).numpy())
-    return np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))
 
 
 def _figures(a, scored) -> list[Path]:
@@ -253,11 +203,8 @@ def _figures(a, scored) -> list[Path]:
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
+    check_in_split(split, img_ids, cap_ids, scored.label, a.split)
     img_file = {int(i): k for k, i in enumerate(split.image_ids)}
-    unknown = [int(i) for i in img_ids if int(i) not in img_file]
-    if unknown:
-        raise DataError(f"{len(unknown)} of the {len(img_ids)} images embedded for split {a.split!r} are not in "
-                        f"{split.source} (first ids {unknown[:3]}): wrong --coco-root or --split?")
     rng = np.random.default_rng(a.seed)
     written = []
 
@@ -266,7 +213,7 @@ def _figures(a, scored) -> list[Path]:
 
     directions = ("img2text", "text2img") if a.direction == "both" else (a.direction,)
     if "img2text" in directions:
-        index = _gallery_index(scored, a.split, "text")
+        index = scored.index("text")
         qrows = [_row_of(img_ids, q, "image") for q in a.query_id if a.direction != "text2img"]
         qrows += rng.choice(len(img), size=min(a.random, len(img)), replace=False).tolist()
         D, I = search(index, img[qrows], a.k) if qrows else (None, None)
@@ -276,7 +223,7 @@ def _figures(a, scored) -> list[Path]:
                 image_of(r), f"query image {img_ids[r]}", caps, D[n].tolist(), [rows[j] == r for j in I[n]],
                 out / f"img2text_{safe_split_name(a.split)}_{img_ids[r]}.png"))
     if "text2img" in directions:
-        index = _gallery_index(scored, a.split, "img")
+        index = scored.index("img")
         queries = []  # (title, vector, true image row or None, file stem)
         for q in (a.query_id if a.direction == "text2img" else []):
             r = _row_of(cap_ids, q, "caption")
@@ -284,7 +231,7 @@ def _figures(a, scored) -> list[Path]:
         for r in rng.choice(len(txt), size=min(a.random, len(txt)), replace=False).tolist():
             queries.append((cap_text.get(int(cap_ids[r]), "?"), txt[r], rows[r], f"cap{cap_ids[r]}"))
         if a.query_text:
-            vecs = _encode_sentences(scored, a.query_text)
+            vecs = scored.encode_sentences(a.query_text)
             for k, (sentence, v) in enumerate(zip(a.query_text, vecs, strict=True)):
                 queries.append((sentence, v, None, f"text{k}"))
         for title, vec, true_row, stem in queries:

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 
 from .checkpoints import (  # noqa: F401 (heads_from_checkpoint: re-exported for embed, serve, retrieve)
-    check_features_fit,
-    encoder_identity,
     heads_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -48,6 +46,7 @@ from .cli import (
     split_name,
 )
 from .coco import rows_of
+from .encoders import check_features_fit, encoder_identity  # noqa: F401 (check_features_fit: re-exported)
 from .errors import DataError, FeatureError, ModelError
 from .heads import ProjectionHead, hardest_negative_loss, infonce_loss, random_negative_loss
 from .metrics import evaluate

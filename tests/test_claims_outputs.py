@@ -50,8 +50,8 @@ def test_a_run_being_trained_is_not_read(run, small_root):
 def test_a_run_is_not_retrained_while_it_is_embedded_or_scored(run, feats, monkeypatch):
     """Each reader holds the run's lock shared for its whole job: a training that starts meanwhile
     (here: from inside the reader's work) is refused and the checkpoint stays."""
-    import crossmodal.embed as embed
     import crossmodal.retrieve as retrieve
+    from crossmodal.runs import Run
 
     before = (run / "best.pt").read_bytes()
     tried = []
@@ -64,7 +64,7 @@ def test_a_run_is_not_retrained_while_it_is_embedded_or_scored(run, feats, monke
             return real(*a, **k)
         return inner
 
-    monkeypatch.setattr(embed, "_embed", retrain_meanwhile(embed._embed))
+    monkeypatch.setattr(Run, "_embed", retrain_meanwhile(Run._embed))
     monkeypatch.setattr(retrieve, "_score", retrain_meanwhile(retrieve._score))
     embed_main(["--run", str(run), "--split", "val", "--force"])
     i2t_main(["--run", str(run), "--split", "val"])

@@ -227,17 +227,16 @@ def test_figures_of_an_ensemble_and_its_typed_queries(two_runs, small_root):
     """A typed sentence goes through every member's caption encoder and head: a val caption typed in
     lands on its own stored ensemble vector, and the figures go to the ensemble's folder."""
     from crossmodal.coco import load_split
-    from crossmodal.ensemble import opened
-    from crossmodal.retrieve import _encode_sentences
+    from crossmodal.runs import open_runs
     from main_retrieve import main as figures
 
     a, b = two_runs
     split = load_split(small_root, "val")
-    with opened(two_runs, "val") as scored:
+    with open_runs(two_runs, "val") as scored:
         txt, tm = scored.emb[1], scored.emb[4]
         text_of = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
         rows = [0, 7, len(txt) - 1]
-        vecs = _encode_sentences(scored, [text_of[tm["ids"][r]] for r in rows])
+        vecs = scored.encode_sentences([text_of[tm["ids"][r]] for r in rows])
     assert vecs.shape == (3, txt.shape[1])
     np.testing.assert_allclose(vecs, txt[rows], atol=1e-5)
     written = figures(["--run", str(a), "--run", str(b), "--split", "val", "--coco-root", str(small_root),

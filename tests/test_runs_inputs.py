@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from crossmodal.checkpoints import check_features_fit, load_checkpoint, load_state_file
+from crossmodal.checkpoints import load_checkpoint, load_state_file
 from crossmodal.cli import resolve_device
+from crossmodal.encoders import check_features_fit
 from crossmodal.errors import DataError, FeatureError, ModelError
 from crossmodal.pipeline import parser as pipeline_parser
 from tests.conftest import ROOT

@@ -81,3 +81,26 @@ def test_pipeline_from_another_directory_and_its_summary_after_a_kill(tmp_path, 
     pipeline_run(TINY)
     assert _summary(tmp_path) == want
     assert not [p for p in summary_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_pipeline_defaults_are_the_stages_own_unless_its_help_says_why():
+    """Every flag the pipeline shares with a stage has the stage's default, except those it sets
+    itself on purpose (PIPELINE_DEFAULTS), whose --help names both values."""
+    from crossmodal import databases, train
+    from crossmodal.pipeline import PIPELINE_DEFAULTS, parser
+
+    stages = {}
+    for stage, rename in ((train.build_parser("img2text", "fasttext"), {}), (databases.text_parser(), {}),
+                          (databases.image_parser(), {"encoder": "image_encoder"})):
+        for action in stage._actions:
+            stages.setdefault(rename.get(action.dest, action.dest), action.default)
+    shared = [a for a in parser()._actions if a.dest in stages and a.dest not in ("help", "verbose", "force")]
+    assert {"epochs", "train_split", "fasttext_dim", "fasttext_bucket", "image_encoder", "bert_model"} <= {
+        a.dest for a in shared}
+    for action in shared:
+        if action.dest in PIPELINE_DEFAULTS:
+            assert action.default != stages[action.dest], action.dest
+            assert f"{action.default}" in action.help and f"{stages[action.dest]}" in action.help, action.help
+        else:
+            assert action.default == stages[action.dest], action.dest
+    assert set(PIPELINE_DEFAULTS) == {"fasttext_bucket", "fasttext_epoch"}

@@ -14,9 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
-import crossmodal.embed as embed_mod
 import crossmodal.figures as figures_mod
 import crossmodal.retrieve as retrieve_mod
+import crossmodal.runs as embed_mod  # Run.embed publishes the embeddings
 from crossmodal import outputs
 from crossmodal.outputs import read_jsonl
 from get_features_captions import main as embed_main
