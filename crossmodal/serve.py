@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS, QueryEncoders
 from .cli import (
     has_visible_text,
     int_in_range,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
@@ -147,9 +149,9 @@ class Searcher:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.info, self.limits = info, limits or Limits()
         self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / CACHE_DIRNAME
-        # one call per encoder at a time (a fast tokenizer is not re-entrant); a text and an image
-        # query may run at once, each on its own core (see set_threads)
-        self._text_lock, self._image_lock = threading.Lock(), threading.Lock()
+        # concurrent queries are encoded in batches; a text and an image batch may run at once,
+        # each on its own core (see set_threads). set_batching() changes it (crossmodal.batching)
+        self.encoders = QueryEncoders(self)
         self.uploads = UploadGate(self.limits)  # decode slots, pixel budget, queue (serve_uploads)
 
     # --- loading ---------------------------------------------------------------------
@@ -246,7 +248,14 @@ class Searcher:
                 f"captions, index {i['index']} ({i['dim']}-d)")
 
     def public_info(self) -> dict:
-        return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public()}
+        return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public(),
+                "batching": self.encoders.describe()}
+
+    def set_batching(self, max_batch: int, wait_ms: float) -> None:
+        """Encode up to ``max_batch`` concurrent queries together, a query waiting at most ``wait_ms``
+        for others (``max_batch`` 0: one query at a time)."""
+        self.encoders.close()
+        self.encoders = QueryEncoders(self, max_batch, wait_ms)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -256,8 +265,6 @@ class Searcher:
         return k
 
     def text_query(self, text: str, k: int) -> dict:
-        import torch
-
         t0 = time.perf_counter()
         self.check_k(k)
         text = " ".join((text or "").split())
@@ -266,18 +273,15 @@ class Searcher:
         if len(text) > self.limits.max_text_chars:
             raise QueryError(413, f"the query text has {len(text)} characters; the limit is "
                                   f"{self.limits.max_text_chars}")
-        with self._text_lock:
-            feats = self.text_encoder.encode([text])
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                q = self.txt_head(torch.from_numpy(feats)).numpy()
+        q, batch = self.encoders.text(text)  # (1, d): encoder + head, in a batch with concurrent queries
         t2 = time.perf_counter()
         true_ids = self.gallery.images_of_text.get(caption_key(text), set())
         images = self._images(q, k, true_ids)
         t3 = time.perf_counter()
         return {"query": {"type": "text", "text": text, "k": k, "is_caption": bool(true_ids),
-                          "true_image_ids": sorted(true_ids)},
-                "images": images, "ms": _ms(encode=t1 - t0, head=t2 - t1, search=t3 - t2, total=t3 - t0)}
+                          "true_image_ids": sorted(true_ids)}, "images": images,
+                "ms": {**_ms(encode=t2 - t0, wait=batch["wait"], search=t3 - t2, total=t3 - t0),
+                       "batch": batch["batch"]}}
 
     def image_query(self, image_id: int, k: int) -> dict:
         t0 = time.perf_counter()
@@ -296,19 +300,13 @@ class Searcher:
 
     def upload_query(self, data: bytes, k: int) -> dict:
         """Nearest captions and images of an uploaded JPEG/PNG (bytes)."""
-        import torch
-
         t0 = time.perf_counter()
         self.check_k(k)
         # decoded and preprocessed in a decode slot; only the small input tensor leaves it
         x, (width, height) = decode_upload(data, self.limits, self.uploads,
                                            prepare=lambda im: (self.image_encoder.preprocess(im), im.size))
         t1 = time.perf_counter()
-        with self._image_lock:
-            t2 = time.perf_counter()
-            with torch.inference_mode():
-                feats = self.image_encoder([x])
-                q = self.img_head(feats).numpy()
+        q, batch = self.encoders.image(x)  # (1, d): encoder + head, in a batch with concurrent uploads
         t3 = time.perf_counter()
         caps = self._captions(q, k, true_image=None)
         images = self._images(q, k, set())
@@ -316,7 +314,8 @@ class Searcher:
         return {"query": {"type": "upload", "k": k, "width": width, "height": height,
                           "bytes": len(data)},
                 "captions": caps, "images": images,
-                "ms": _ms(decode=t1 - t0, encode=t3 - t1, wait=t2 - t1, search=t4 - t3, total=t4 - t0)}
+                "ms": {**_ms(decode=t1 - t0, encode=t3 - t1, wait=batch["wait"], search=t4 - t3, total=t4 - t0),
+                       "batch": batch["batch"]}}
 
     def _images(self, q: np.ndarray, k: int, true_ids: set[int]) -> list[dict]:
         from .index import search
@@ -582,6 +581,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch/Faiss threads per query (default 1: robust on busy cores, concurrent queries "
                         "use the others; BENCHMARKS.md)")
+    p.add_argument("--max-batch", type=non_negative_int, default=DEFAULT_MAX_BATCH,
+                   help="concurrent text (and upload) queries encoded together at most (0: one at a time; "
+                        "default %(default)d)")
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=DEFAULT_WAIT_MS,
+                   help="longest a query waits for others to join its batch (default %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -592,6 +596,8 @@ def run(argv=None) -> None:
     if a.pixel_budget is not None and a.pixel_budget < a.max_pixels:
         p.error(f"argument --pixel-budget: {a.pixel_budget} is below --max-pixels {a.max_pixels}: the largest "
                 "allowed upload could never be decoded")
+    if a.batch_wait_ms > 1000:
+        p.error(f"argument --batch-wait-ms: {a.batch_wait_ms:g} is over 1000: every query alone would wait that long")
     setup_logging(a.verbose)
     set_threads(a.threads)
     limits = Limits(max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
@@ -600,6 +606,9 @@ def run(argv=None) -> None:
              limits.upload_queue, limits.pixel_budget)
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, a.karpathy_file, a.detector_weights, limits,
                                  a.cache_dir)
+    searcher.set_batching(a.max_batch, a.batch_wait_ms)
+    log.info("queries: up to %d encoded together, waiting at most %g ms for others", max(a.max_batch, 1),
+             a.batch_wait_ms if a.max_batch > 1 else 0)
     if searcher.info["chosen"] != "given":
         log.info("%s: %s", searcher.run_dir, searcher.info["chosen"])
     log.info("%s", searcher.startup_line())
