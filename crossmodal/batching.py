@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-DEFAULT_MAX_BATCH = 16  # queries encoded together at most (0: no batching)
+DEFAULT_MAX_BATCH = 8  # queries encoded together at most (0: no batching); MiniLM per query: flat past 8
 DEFAULT_WAIT_MS = 2.0  # longest a query waits for others to join its batch
 
 
