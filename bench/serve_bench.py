@@ -330,6 +330,9 @@ def main(argv=None) -> dict:
     if not modes or set(modes) - {"off", "on"}:
         raise SystemExit(f"--modes {a.modes!r}: give off, on or off,on")
     run, coco_root = _run_and_root(a)
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # building the run may have set INFO: a line per request
     n_img, n_cap = SCALES[a.scale]
     sentences = [f"a photo of {n} small {WORDS[n % len(WORDS)]} next to a red bus"
                  for n in range(a.warmup + max(a.queries, a.clients * a.per_client))]
