@@ -6,7 +6,8 @@ captions).
 The heads and the encoders are a real run's (default: the demo's best model, after ``make
 demo``; else a small run built like the tests' one, with images at 256 px as in the demo); the
 gallery is synthetic: unit vectors in clusters (an image's captions lie near it), made-up
-captions, indexes of ``--index`` kind (flat by default), so the index side has the real sizes.
+captions, indexes of the ``--index`` / ``--caption-index`` kinds (flat by default), so the
+index side has the real sizes.
 
 Measured, each as p50/p95:
 
@@ -20,11 +21,11 @@ Measured, each as p50/p95:
 - the server's start-up time (model load; synthetic gallery + index build) and its resident
   memory (after start-up, and its peak over the whole run).
 
-For an approximate index (``--index ivf`` / ``hnsw``) the server measures its recall@10
-against exact search (flat) on ``--recall-queries`` queries before it starts serving.
+For an approximate index (``ivf`` / ``hnsw``) the server measures its recall@10 against exact
+search (flat) on ``--recall-queries`` queries before it starts serving.
 
     python -m bench.serve_bench [--run runs/demo --coco-root data/demo]          # 5K, ~1.5 min
-    python -m bench.serve_bench --scale full                                     # full COCO, ~3 min
+    python -m bench.serve_bench --scale full --index ivf --modes on              # full COCO, ~2 min
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ WORDS = ["dogs", "cats", "circles", "people", "squares", "horses", "triangles"]
 
 
 def parser() -> argparse.ArgumentParser:
-    from crossmodal.batching import DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS
+    from crossmodal.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS
     from crossmodal.index import INDEX_KINDS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--coco-root", default="data/demo")
     p.add_argument("--split", default="val")
     p.add_argument("--scale", choices=sorted(SCALES), default="5k", help="gallery size (default %(default)s)")
-    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="the gallery's Faiss indexes")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="the image index (text queries search it)")
+    p.add_argument("--caption-index", choices=INDEX_KINDS, default="flat",
+                   help="the caption index (image-id and upload queries search it)")
     p.add_argument("--queries", type=int, default=100, help="timed queries of one client")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--clients", type=int, default=8)
@@ -67,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="off,on", help="batching modes to compare, in order (off, on)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="batching on: queries per batch")
     p.add_argument("--batch-wait-ms", type=float, default=DEFAULT_WAIT_MS, help="batching on: longest wait")
+    p.add_argument("--max-upload-batch", type=int, default=DEFAULT_MAX_IMAGE_BATCH, help="batching on: uploads "
+                   "per batch (default %(default)s, the server's)")
     p.add_argument("--recall-queries", type=int, default=200)
     p.add_argument("--serve-port-file", default=None, help=argparse.SUPPRESS)  # internal: server mode
     return p
@@ -129,14 +134,16 @@ def synthetic_searcher(a, run: str, coco_root: str, timings: dict | None = None)
     img, txt = synthetic_embeddings(n_img, n_cap, s.info["dim"])
     img_ids, cap_ids, cap_img_ids = synthetic_ids(n_img, n_cap)
     t2 = time.perf_counter()
-    img_index, txt_index = build_index(img, a.index), build_index(txt, a.index)
+    img_index, txt_index = build_index(img, a.index), build_index(txt, a.caption_index)
     t3 = time.perf_counter()
-    if a.index != "flat":  # queries: captions for the image index, images for the caption index, both perturbed
-        rng = np.random.default_rng(1)
-        rows = rng.integers(0, n_cap, a.recall_queries)
-        timings["recall@10_vs_flat"] = {
-            "images": round(recall_at_10(img_index, img, txt[rows]), 4),
-            "captions": round(recall_at_10(txt_index, txt, img[rows % n_img]), 4)}
+    rows = np.random.default_rng(1).integers(0, n_cap, a.recall_queries)
+    recall = {}  # queries: captions for the image index, images for the caption index
+    if a.index != "flat":
+        recall["images"] = round(recall_at_10(img_index, img, txt[rows]), 4)
+    if a.caption_index != "flat":
+        recall["captions"] = round(recall_at_10(txt_index, txt, img[rows % n_img]), 4)
+    if recall:
+        timings["recall@10_vs_flat"] = recall
     del txt
     s.gallery = Gallery(img_ids=img_ids, cap_ids=cap_ids, cap_img_ids=cap_img_ids,
                         cap_text=[f"synthetic caption number {i} of the benchmark gallery" for i in range(n_cap)],
@@ -144,7 +151,7 @@ def synthetic_searcher(a, run: str, coco_root: str, timings: dict | None = None)
     t4 = time.perf_counter()
     s.info.update(images=n_img, captions=n_cap, index=describe(img_index)["type"])
     timings.update(model_load_s=round(t1 - t0, 2), embeddings_s=round(t2 - t1, 2), index_build_s=round(t3 - t2, 2),
-                   gallery_s=round(t4 - t3, 2), index=describe(txt_index))
+                   gallery_s=round(t4 - t3, 2), image_index=describe(img_index), caption_index=describe(txt_index))
     return s
 
 
@@ -159,7 +166,7 @@ def serve(a) -> None:
     set_threads(a.threads)
     timings: dict = {}
     s = synthetic_searcher(a, a.run, a.coco_root, timings)
-    s.set_batching(a.max_batch, a.batch_wait_ms)
+    s.set_batching(a.max_batch, a.batch_wait_ms, a.max_upload_batch)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # uvicorn sets TCP_NODELAY when it binds the port itself, not on a socket it is given; without
     # it every keep-alive response waits ~40 ms for a delayed ACK (accepted sockets inherit it)
@@ -250,12 +257,14 @@ def rss_mb(pid: int) -> dict:
     return {k: round(int(fields[f].split()[0]) / 1024) for k, f in (("rss_mb", "VmRSS"), ("peak_mb", "VmHWM"))}
 
 
-def start_server(a, run: str, coco_root: str, max_batch: int):
+def start_server(a, run: str, coco_root: str, on: bool):
     """A server process of the synthetic gallery -> (process, url, its start-up record)."""
     port_file = Path(tempfile.mkdtemp(prefix="serve_bench_")) / "port"
     cmd = [sys.executable, "-m", "bench.serve_bench", "--run", run, "--coco-root", coco_root, "--split", a.split,
-           "--scale", a.scale, "--index", a.index, "--recall-queries", str(a.recall_queries),
-           "--threads", str(a.threads), "--max-batch", str(max_batch), "--batch-wait-ms", str(a.batch_wait_ms),
+           "--scale", a.scale, "--index", a.index, "--caption-index", a.caption_index,
+           "--recall-queries", str(a.recall_queries),
+           "--threads", str(a.threads), "--max-batch", str(a.max_batch if on else 0), "--max-upload-batch",
+           str(a.max_upload_batch if on else 0), "--batch-wait-ms", str(a.batch_wait_ms),
            "--serve-port-file", str(port_file)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
@@ -348,7 +357,7 @@ def main(argv=None) -> dict:
         del s
     results, startup = {}, {}
     for mode in modes:
-        server, url, info = start_server(a, run, coco_root, a.max_batch if mode == "on" else 0)
+        server, url, info = start_server(a, run, coco_root, mode == "on")
         try:
             results[mode] = measure_mode(a, url, sentences, photo, img_ids)
             info.update({f"end_{k}": v for k, v in rss_mb(server.pid).items()})
@@ -358,9 +367,11 @@ def main(argv=None) -> dict:
             server.wait(30)
     load = os.getloadavg()
     first = startup[modes[0]]
-    print(f"\nGallery {n_img:,} images / {n_cap:,} captions (synthetic, {a.index} index); server: "
+    print(f"\nGallery {n_img:,} images / {n_cap:,} captions (synthetic; image index {a.index}, caption index "
+          f"{a.caption_index}); server: "
           f"{first['startup_line']}; upload: {photo_name}, {len(photo) / 1e3:.0f} kB; k = 10; "
-          f"batching on: --max-batch {a.max_batch} --batch-wait-ms {a.batch_wait_ms:g}; load average {load[0]:.1f}\n")
+          f"batching on: --max-batch {a.max_batch} --max-upload-batch {a.max_upload_batch} --batch-wait-ms "
+          f"{a.batch_wait_ms:g}; load average {load[0]:.1f}\n")
     if rows:
         print("| query | what is timed (in process, one at a time) | p50 ms | p95 ms |\n|---|---|---|---|")
         for name, r in rows.items():
@@ -386,12 +397,15 @@ def main(argv=None) -> dict:
               f"gallery tables {i['gallery_s']:.1f} s); RSS {i.get('rss_mb', '?')} MB after start-up, peak "
               f"{i.get('end_peak_mb', '?')} MB" + (f"; recall@10 vs flat {i['recall@10_vs_flat']}"
                                                   if "recall@10_vs_flat" in i else ""))
-    out = {"gallery": {"images": n_img, "captions": n_cap, "index": a.index}, "model": model, "upload": photo_name,
+    out = {"gallery": {"images": n_img, "captions": n_cap, "image_index": a.index, "caption_index": a.caption_index},
+           "model": model, "upload": photo_name,
            "upload_bytes": len(photo), "loadavg": load, "batching": {"max_batch": a.max_batch,
+                                                                     "max_upload_batch": a.max_upload_batch,
                                                                      "wait_ms": a.batch_wait_ms},
            "in_process": rows, "http": {m: {n: {str(c): r for c, r in v.items()} for n, v in results[m].items()}
                                         for m in modes}, "startup": startup}
-    print(f"\nsaved {save('serve_bench' if a.scale == '5k' else f'serve_bench_{a.scale}_{a.index}', out)}")
+    name = "serve_bench" if a.scale == "5k" else f"serve_bench_{a.scale}_{a.index}_{a.caption_index}"
+    print(f"\nsaved {save(name, out)}")
     return out
 
 

@@ -12,8 +12,10 @@ failed. :meth:`MicroBatcher.close` encodes what is queued, then stops the worker
 it raises ``RuntimeError``.
 
 :class:`QueryEncoders`: a :class:`~crossmodal.serve.Searcher`'s two query encoders (caption
-encoder + text head; image encoder + image head), batched, or with ``max_batch`` 0 one query at
-a time under a lock (a fast tokenizer is not re-entrant), as before batching existed.
+encoder + text head; image encoder + image head), each batched (batch size > 1), or with a
+batch size of 0 one query at a time under a lock (a fast tokenizer is not re-entrant), as before
+batching existed. By default text queries are batched and uploads are not: with a batch size of
+1 they are encoded in parallel, as many at once as the decode slots (``Limits.upload_slots``).
 
 Equal output: mean pooling over the attention mask ignores padding, so a sentence's row in a
 batch equals its row alone up to float rounding (``tests/test_batching.py`` bounds it).
@@ -30,6 +32,10 @@ import numpy as np
 
 DEFAULT_MAX_BATCH = 8  # queries encoded together at most (0: no batching); MiniLM per query: flat past 8
 DEFAULT_WAIT_MS = 2.0  # longest a query waits for others to join its batch
+# uploads: not batched by default but encoded in parallel, one per decode slot (the cores). On one CPU
+# thread EfficientNet-Lite0 at 256 px took 28.7 ms per image alone and 42-49 ms per image in batches
+# of 2-8, so a batch only makes its members wait (BENCHMARKS.md, "Search app"). 0: one at a time
+DEFAULT_MAX_IMAGE_BATCH = 1
 
 
 _NONE = object()  # no result yet
@@ -141,11 +147,12 @@ class MicroBatcher:
             j.result = r
 
 
-class _OneAtATime:
-    """The unbatched path: ``fn([item])[0]`` under a lock, same interface as :class:`MicroBatcher`."""
+class _Unbatched:
+    """The unbatched path: ``fn([item])[0]``, at most ``parallel`` calls at once (1: under a lock),
+    same interface as :class:`MicroBatcher`."""
 
-    def __init__(self, fn: Callable[[list], Sequence]):
-        self.fn, self._lock = fn, threading.Lock()
+    def __init__(self, fn: Callable[[list], Sequence], parallel: int = 1):
+        self.fn, self._lock = fn, threading.BoundedSemaphore(max(parallel, 1))
 
     def __call__(self, item):
         return self.submit(item)[0]
@@ -160,10 +167,11 @@ class _OneAtATime:
         pass
 
 
-def batcher(fn: Callable[[list], Sequence], max_batch: int, max_wait_ms: float, name: str):
-    """A :class:`MicroBatcher`, or with ``max_batch`` 0 or 1 one call at a time under a lock."""
+def batcher(fn: Callable[[list], Sequence], max_batch: int, max_wait_ms: float, name: str, parallel: int = 1):
+    """A :class:`MicroBatcher`, or with ``max_batch`` 0 or 1 unbatched calls, ``parallel`` at once
+    (with ``max_batch`` 0 always one at a time)."""
     if max_batch <= 1:
-        return _OneAtATime(fn)
+        return _Unbatched(fn, parallel if max_batch == 1 else 1)
     return MicroBatcher(fn, max_batch, max_wait_ms, name)
 
 
@@ -171,13 +179,20 @@ class QueryEncoders:
     """A searcher's query encoders. ``text(sentence)`` / ``image(preprocessed (3, S, S) tensor)``
     -> (query (1, d) float32 after the head, {"wait": s, "batch": n})."""
 
-    def __init__(self, searcher, max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_WAIT_MS):
-        self.searcher, self.max_batch, self.max_wait_ms = searcher, max_batch, max_wait_ms
+    def __init__(self, searcher, max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_WAIT_MS,
+                 max_image_batch: int = DEFAULT_MAX_IMAGE_BATCH):
+        self.searcher, self.max_wait_ms = searcher, max_wait_ms
+        self.max_batch, self.max_image_batch = max_batch, max_image_batch
         self._text = batcher(self.text_rows, max_batch, max_wait_ms, "text-batcher")
-        self._image = batcher(self.image_rows, max_batch, max_wait_ms, "image-batcher")
+        limits = getattr(searcher, "limits", None)
+        self.image_parallel = (limits.upload_slots if limits else 1) if max_image_batch == 1 else 1
+        self._image = batcher(self.image_rows, max_image_batch, max_wait_ms, "image-batcher", self.image_parallel)
 
     def describe(self) -> dict:
-        return {"max_batch": self.max_batch if self.max_batch > 1 else 0, "wait_ms": self.max_wait_ms}
+        """Queries per encoder call at most (0: one call at a time), uploads encoded at once when
+        not batched, and the longest wait for a batch to fill."""
+        return {"max_batch": self.max_batch, "max_image_batch": self.max_image_batch,
+                "image_parallel": self.image_parallel, "wait_ms": self.max_wait_ms}
 
     def text_rows(self, texts: list[str]) -> np.ndarray:
         """(B,) sentences -> (B, d) queries: caption encoder, then the text head."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import DEFAULT_MAX_BATCH, DEFAULT_WAIT_MS, QueryEncoders
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS, QueryEncoders
 from .cli import (
     has_visible_text,
     int_in_range,
@@ -251,11 +251,11 @@ class Searcher:
         return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public(),
                 "batching": self.encoders.describe()}
 
-    def set_batching(self, max_batch: int, wait_ms: float) -> None:
-        """Encode up to ``max_batch`` concurrent queries together, a query waiting at most ``wait_ms``
-        for others (``max_batch`` 0: one query at a time)."""
+    def set_batching(self, max_batch: int, wait_ms: float, max_image_batch: int = DEFAULT_MAX_IMAGE_BATCH) -> None:
+        """Encode up to ``max_batch`` concurrent text queries (``max_image_batch`` uploads) together, a
+        query waiting at most ``wait_ms`` for others (0 or 1: one query at a time)."""
         self.encoders.close()
-        self.encoders = QueryEncoders(self, max_batch, wait_ms)
+        self.encoders = QueryEncoders(self, max_batch, wait_ms, max_image_batch)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -582,8 +582,10 @@ def parser() -> argparse.ArgumentParser:
                    help="torch/Faiss threads per query (default 1: robust on busy cores, concurrent queries "
                         "use the others; BENCHMARKS.md)")
     p.add_argument("--max-batch", type=non_negative_int, default=DEFAULT_MAX_BATCH,
-                   help="concurrent text (and upload) queries encoded together at most (0: one at a time; "
-                        "default %(default)d)")
+                   help="concurrent text queries encoded together at most (0: one at a time; default %(default)d)")
+    p.add_argument("--max-upload-batch", type=non_negative_int, default=DEFAULT_MAX_IMAGE_BATCH,
+                   help="the same for uploads (default %(default)d: not batched, no faster per image on a CPU; "
+                        "encoded in parallel, one per --upload-slots; 0: one at a time)")
     p.add_argument("--batch-wait-ms", type=non_negative_float, default=DEFAULT_WAIT_MS,
                    help="longest a query waits for others to join its batch (default %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -606,9 +608,8 @@ def run(argv=None) -> None:
              limits.upload_queue, limits.pixel_budget)
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, a.karpathy_file, a.detector_weights, limits,
                                  a.cache_dir)
-    searcher.set_batching(a.max_batch, a.batch_wait_ms)
-    log.info("queries: up to %d encoded together, waiting at most %g ms for others", max(a.max_batch, 1),
-             a.batch_wait_ms if a.max_batch > 1 else 0)
+    searcher.set_batching(a.max_batch, a.batch_wait_ms, a.max_upload_batch)
+    log.info("batching: %s", searcher.encoders.describe())
     if searcher.info["chosen"] != "given":
         log.info("%s: %s", searcher.run_dir, searcher.info["chosen"])
     log.info("%s", searcher.startup_line())

@@ -139,6 +139,30 @@ def test_close_encodes_what_is_queued_then_refuses():
     b.close()  # idempotent
 
 
+def test_unbatched_runs_at_most_parallel_calls_at_once():
+    inside, peak, lock, go = [0], [0], threading.Lock(), threading.Event()
+
+    def fn(items):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        go.wait(10)
+        with lock:
+            inside[0] -= 1
+        return items
+
+    for max_batch, parallel, want in ((1, 2, 2), (0, 2, 1)):  # batch size 0: one at a time whatever parallel
+        peak[0] = 0
+        go.clear()
+        b = batcher(fn, max_batch=max_batch, max_wait_ms=0, name="t", parallel=parallel)
+        rows, errors, threads = _call_all(b, [1, 2, 3])
+        _until(lambda want=want: inside[0] == want, f"{want} calls inside")
+        go.set()
+        for t in threads:
+            t.join(10)
+        assert peak[0] == want and rows == {1: 1, 2: 2, 3: 3} and not errors
+
+
 def test_batcher_off_is_one_at_a_time():
     calls = []
     b = batcher(lambda items: calls.append(len(items)) or items, max_batch=0, max_wait_ms=5, name="off")
@@ -219,7 +243,7 @@ def test_searcher_batched_queries_equal_one_at_a_time(serve_run_dir):  # noqa: F
     expected = [s.text_query(t, 5) for t in texts]
     photo = s.image_path(int(s.gallery.img_ids[0])).read_bytes()
     expected_up = s.upload_query(photo, 5)
-    s.set_batching(8, 50)  # a long wait: the eight threads meet in one or two batches
+    s.set_batching(8, 50, 8)  # a long wait: the eight threads meet in one or two batches
     got, threads = {}, []
     for i, t in enumerate(texts):
         threads.append(threading.Thread(target=lambda i=i, t=t: got.__setitem__(i, s.text_query(t, 5))))
@@ -241,15 +265,17 @@ def test_searcher_batched_queries_equal_one_at_a_time(serve_run_dir):  # noqa: F
 
 
 def test_server_flags_batch_concurrent_http_queries(serve_run_dir, tmp_path):  # noqa: F811
-    """``python -m crossmodal.serve --max-batch 4 --batch-wait-ms 20``: /api/info says so, and eight
+    """``python -m crossmodal.serve --max-batch 4 ...``: /api/info says so, and eight
     concurrent text queries over HTTP answer as the same queries one after another do."""
     import json
     from urllib.parse import urlencode
 
     from tests.test_serve_load import request, start_server
 
-    with start_server(serve_run_dir, tmp_path / "server.log", "--max-batch", "4", "--batch-wait-ms", "20") as (_, port):
-        assert json.loads(request(port, "GET", "/api/info")[1])["batching"] == {"max_batch": 4, "wait_ms": 20.0}
+    flags = ["--max-batch", "4", "--batch-wait-ms", "20", "--max-upload-batch", "3"]
+    with start_server(serve_run_dir, tmp_path / "server.log", *flags) as (_, port):
+        assert json.loads(request(port, "GET", "/api/info")[1])["batching"] == {
+            "max_batch": 4, "max_image_batch": 3, "image_parallel": 1, "wait_ms": 20.0}
         paths = [f"/api/text?{urlencode({'q': f'a photo of {n} red squares', 'k': 5})}" for n in range(8)]
 
         def ids(body):
