@@ -173,6 +173,9 @@ def serve(a) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(create_app(s), log_level="warning", access_log=False))
+    import gc
+
+    gc.freeze()  # as crossmodal.serve.run does
     tmp = Path(a.serve_port_file + ".tmp")
     tmp.write_text(json.dumps({"port": sock.getsockname()[1], "startup_s": round(time.perf_counter() - t0, 2),
                                "startup_line": s.startup_line(), **timings}))
