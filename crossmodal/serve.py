@@ -253,7 +253,8 @@ class Searcher:
 
     def set_batching(self, max_batch: int, wait_ms: float, max_image_batch: int = DEFAULT_MAX_IMAGE_BATCH) -> None:
         """Encode up to ``max_batch`` concurrent text queries (``max_image_batch`` uploads) together, a
-        query waiting at most ``wait_ms`` for others (0 or 1: one query at a time)."""
+        query waiting at most ``wait_ms`` for others; 0: one query at a time (an upload batch of 1:
+        unbatched uploads, one per decode slot at once). See :mod:`crossmodal.batching`."""
         self.encoders.close()
         self.encoders = QueryEncoders(self, max_batch, wait_ms, max_image_batch)
 
