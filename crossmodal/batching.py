@@ -31,7 +31,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 DEFAULT_MAX_BATCH = 8  # queries encoded together at most (0: no batching); MiniLM per query: flat past 8
-DEFAULT_WAIT_MS = 2.0  # longest a query waits for others to join its batch
+# longest a query waits for others to join its batch. 0: none; under load the batches fill anyway
+# (queries queue while a batch is encoded). Full COCO, 8 clients: text p95 49.4 ms at 0 against
+# 59.9 at 2 ms; one client: 12.1 against 16.8 ms (BENCHMARKS.md, "Search app")
+DEFAULT_WAIT_MS = 0.0
 # uploads: not batched by default but encoded in parallel, one per decode slot (the cores). On one CPU
 # thread EfficientNet-Lite0 at 256 px took 28.7 ms per image alone and 42-49 ms per image in batches
 # of 2-8, so a batch only makes its members wait (BENCHMARKS.md, "Search app"). 0: one at a time
