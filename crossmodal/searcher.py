@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import DEFAULT_MAX_IMAGE_BATCH, QueryEncoders
 from .cli import has_visible_text
 from .errors import DataError
 from .serve_uploads import Limits, QueryError, UploadGate, decode_upload
@@ -68,9 +69,9 @@ class Searcher:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.info, self.limits = info, limits or Limits()
         self.cache_dir = Path(cache_dir) if cache_dir else self.run_dir / CACHE_DIRNAME
-        # one call per encoder at a time (a fast tokenizer is not re-entrant); a text and an image
-        # query may run at once, each on its own core (see set_threads)
-        self._text_lock, self._image_lock = threading.Lock(), threading.Lock()
+        # concurrent queries are encoded in batches; a text and an image batch may run at once,
+        # each on its own core (see set_threads). set_batching() changes it (crossmodal.batching)
+        self.encoders = QueryEncoders(self)
         self.uploads = UploadGate(self.limits)  # decode slots, pixel budget, queue (serve_uploads)
 
     # --- loading ---------------------------------------------------------------------
@@ -119,7 +120,15 @@ class Searcher:
                 f"captions, index {i['index']} ({i['dim']}-d)")
 
     def public_info(self) -> dict:
-        return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public()}
+        return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public(),
+                "batching": self.encoders.describe()}
+
+    def set_batching(self, max_batch: int, wait_ms: float, max_image_batch: int = DEFAULT_MAX_IMAGE_BATCH) -> None:
+        """Encode up to ``max_batch`` concurrent text queries (``max_image_batch`` uploads) together, a
+        query waiting at most ``wait_ms`` for others; 0: one query at a time (an upload batch of 1:
+        unbatched uploads, one per decode slot at once). See :mod:`crossmodal.batching`."""
+        self.encoders.close()
+        self.encoders = QueryEncoders(self, max_batch, wait_ms, max_image_batch)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -129,8 +138,6 @@ class Searcher:
         return k
 
     def text_query(self, text: str, k: int) -> dict:
-        import torch
-
         t0 = time.perf_counter()
         self.check_k(k)
         text = " ".join((text or "").split())
@@ -139,18 +146,15 @@ class Searcher:
         if len(text) > self.limits.max_text_chars:
             raise QueryError(413, f"the query text has {len(text)} characters; the limit is "
                                   f"{self.limits.max_text_chars}")
-        with self._text_lock:
-            feats = self.text_encoder.encode([text])
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                q = self.txt_head(torch.from_numpy(feats)).numpy()
+        q, batch = self.encoders.text(text)  # (1, d): encoder + head, in a batch with concurrent queries
         t2 = time.perf_counter()
         true_ids = self.gallery.images_of_text.get(caption_key(text), set())
         images = self._images(q, k, true_ids)
         t3 = time.perf_counter()
         return {"query": {"type": "text", "text": text, "k": k, "is_caption": bool(true_ids),
-                          "true_image_ids": sorted(true_ids)},
-                "images": images, "ms": _ms(encode=t1 - t0, head=t2 - t1, search=t3 - t2, total=t3 - t0)}
+                          "true_image_ids": sorted(true_ids)}, "images": images,
+                "ms": {**_ms(encode=t2 - t0, wait=batch["wait"], search=t3 - t2, total=t3 - t0),
+                       "batch": batch["batch"]}}
 
     def image_query(self, image_id: int, k: int) -> dict:
         t0 = time.perf_counter()
@@ -169,19 +173,13 @@ class Searcher:
 
     def upload_query(self, data: bytes, k: int) -> dict:
         """Nearest captions and images of an uploaded JPEG/PNG (bytes)."""
-        import torch
-
         t0 = time.perf_counter()
         self.check_k(k)
         # decoded and preprocessed in a decode slot; only the small input tensor leaves it
         x, (width, height) = decode_upload(data, self.limits, self.uploads,
                                            prepare=lambda im: (self.image_encoder.preprocess(im), im.size))
         t1 = time.perf_counter()
-        with self._image_lock:
-            t2 = time.perf_counter()
-            with torch.inference_mode():
-                feats = self.image_encoder([x])
-                q = self.img_head(feats).numpy()
+        q, batch = self.encoders.image(x)  # (1, d): encoder + head, in a batch with concurrent uploads
         t3 = time.perf_counter()
         caps = self._captions(q, k, true_image=None)
         images = self._images(q, k, set())
@@ -189,7 +187,8 @@ class Searcher:
         return {"query": {"type": "upload", "k": k, "width": width, "height": height,
                           "bytes": len(data)},
                 "captions": caps, "images": images,
-                "ms": _ms(decode=t1 - t0, encode=t3 - t1, wait=t2 - t1, search=t4 - t3, total=t4 - t0)}
+                "ms": {**_ms(decode=t1 - t0, encode=t3 - t1, wait=batch["wait"], search=t4 - t3, total=t4 - t0),
+                       "batch": batch["batch"]}}
 
     def _images(self, q: np.ndarray, k: int, true_ids: set[int]) -> list[dict]:
         from .index import search

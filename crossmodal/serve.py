@@ -29,7 +29,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from .cli import int_in_range, non_negative_int, positive_float, positive_int, run_script, setup_logging
+from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS
+from .cli import (
+    int_in_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_script,
+    setup_logging,
+)
 from .runs import resolve_run
 from .searcher import CACHE_DIRNAME, Gallery, Searcher, caption_key, set_threads
 from .serve_uploads import Limits, QueryError, decode_upload, read_upload
@@ -168,6 +177,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch/Faiss threads per query (default 1: robust on busy cores, concurrent queries "
                         "use the others; BENCHMARKS.md)")
+    p.add_argument("--max-batch", type=non_negative_int, default=DEFAULT_MAX_BATCH,
+                   help="concurrent text queries encoded together at most (0: one at a time; default %(default)d)")
+    p.add_argument("--max-upload-batch", type=non_negative_int, default=DEFAULT_MAX_IMAGE_BATCH,
+                   help="the same for uploads (default %(default)d: not batched, no faster per image on a CPU; "
+                        "encoded in parallel, one per --upload-slots; 0: one at a time)")
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=DEFAULT_WAIT_MS,
+                   help="longest a query waits for others to join its batch (default %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -178,6 +194,8 @@ def run(argv=None) -> None:
     if a.pixel_budget is not None and a.pixel_budget < a.max_pixels:
         p.error(f"argument --pixel-budget: {a.pixel_budget} is below --max-pixels {a.max_pixels}: the largest "
                 "allowed upload could never be decoded")
+    if a.batch_wait_ms > 1000:
+        p.error(f"argument --batch-wait-ms: {a.batch_wait_ms:g} is over 1000: every query alone would wait that long")
     setup_logging(a.verbose)
     set_threads(a.threads)
     limits = Limits(max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels,
@@ -186,13 +204,20 @@ def run(argv=None) -> None:
              limits.upload_queue, limits.pixel_budget)
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, a.karpathy_file, a.detector_weights, limits,
                                  a.cache_dir)
+    searcher.set_batching(a.max_batch, a.batch_wait_ms, a.max_upload_batch)
+    log.info("batching: %s", searcher.encoders.describe())
     if any(c != "given" for c in searcher.info["chosen"].split(" + ")):
         log.info("%s: %s", searcher.run_dir, searcher.info["chosen"])
     log.info("%s", searcher.startup_line())
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("bound to %s: the search page is reachable from other machines", a.host)
+    import gc
+
     import uvicorn
 
+    # what is loaded now lives as long as the server: out of the collector's scans, whose full
+    # passes over a full-COCO gallery (760K objects) stopped every query for 135 ms (BENCHMARKS.md)
+    gc.freeze()
     log.info("open http://%s:%d/ (Ctrl-C stops)", a.host, a.port)
     uvicorn.run(create_app(searcher), host=a.host, port=a.port, log_level="warning", access_log=False,
                 limit_concurrency=a.max_connections)

@@ -27,8 +27,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 
-def build_serve_run(base: Path) -> dict:
-    """A small trained run with val embeddings under ``base`` (made once; about 10 s)."""
+def build_serve_run(base: Path, input_size: int = 128) -> dict:
+    """A small trained run with val embeddings under ``base`` (made once; about 10 s); images
+    encoded at ``input_size`` px (bench/serve_bench.py: 256, the demo's)."""
     from crossmodal.demo_data import generate_demo_dataset
     from get_features_captions import main as embed_main
     from img2text_bert import main as train_main
@@ -41,7 +42,7 @@ def build_serve_run(base: Path) -> dict:
     generate_demo_dataset(paths["root"], num_train=40, num_val=16, seed=0, image_size=112)
     common = ["--coco-root", str(paths["root"]), "--features-dir", str(paths["features"]), "--no-progress"]
     for split in ("train", "val"):
-        img_main([*common, "--split", split, "--input-size", "128", "--workers", "0"])
+        img_main([*common, "--split", split, "--input-size", str(input_size), "--workers", "0"])
         text_main([*common, "--split", split, "--encoder", "bert"])
     train_main(["--features-dir", str(paths["features"]), "--runs-dir", str(base / "runs"), "--name", "tiny",
                 "--epochs", "4", "--no-progress"])
