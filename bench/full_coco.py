@@ -15,7 +15,7 @@ Where this branch changed a default (captions through ONNX Runtime instead of Py
 from one sweep of the similarity matrix instead of one per direction), both are timed in the
 same process, interleaved, and the table shows both; the sum is "before" and "now".
 
-    python -m bench.full_coco [--images 32] [--captions 1000] [--train-steps 60] [--rounds 2]
+    python -m bench.full_coco [--images 128] [--captions 1000] [--train-steps 60] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def estimate(r: dict) -> list[tuple[str, str, float, float]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--images", type=int, default=128)
     p.add_argument("--captions", type=int, default=1000)
     p.add_argument("--fasttext-captions", type=int, default=5000)
     p.add_argument("--train-steps", type=int, default=60)
