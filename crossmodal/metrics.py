@@ -54,14 +54,34 @@ def text2img_relevance(cap_img_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.arange(len(cap_img_rows) + 1, dtype=np.int64), cap_img_rows.copy()
 
 
+def _sweep(q: torch.Tensor, gt: torch.Tensor, chunk: int):
+    """``(start, sims)`` per chunk of ``chunk`` query rows: ``sims`` (B, G) = ``q[a:b] @ gt`` as
+    numpy, written into ONE reused buffer (a fresh 100 MB block per 1,024 x 25,000 chunk cost as
+    much as the matmul itself in page faults, bench/metrics_bench.py). Each chunk is overwritten
+    by the next: use it before asking for the next."""
+    buf = torch.empty((min(chunk, len(q)), gt.shape[1]), dtype=torch.result_type(q, gt))
+    for a in range(0, len(q), chunk):
+        out = buf[: min(chunk, len(q) - a)]
+        torch.mm(q[a : a + chunk], gt, out=out)
+        yield a, out.numpy()
+
+
 def relevant_ranks(
     queries: torch.Tensor | np.ndarray, gallery: torch.Tensor | np.ndarray, rel_ptr: np.ndarray,
-    rel_idx: np.ndarray, chunk: int = 1024, on_chunk=None,
+    rel_idx: np.ndarray, chunk: int = 1024,
 ) -> np.ndarray:
     """0-based ranks of every relevant item, CSR-aligned with ``rel_idx`` and sorted within each
-    query. ``queries`` (Q, d), ``gallery`` (G, d); similarity = inner product. ``on_chunk(sims,
-    start, s_rel, valid, pool, blocks)``, when given, also sees each chunk of similarities (B, G),
-    its relevant scores (B, width) with their validity mask, the thread pool and its row blocks."""
+    query. ``queries`` (Q, d), ``gallery`` (G, d); similarity = inner product."""
+    return _ranks(queries, gallery, rel_ptr, rel_idx, chunk)[0]
+
+
+def _ranks(queries, gallery, rel_ptr, rel_idx, chunk, band=None):
+    """(ranks, scores, above, found). ``ranks``: :func:`relevant_ranks`. ``scores``: the relevant
+    items' similarities as the matrix holds them, CSR-aligned with ``rel_idx`` (unsorted), float32.
+    With ``band`` = (lo, hi, own), ``lo``/``hi`` (G,) float32 and ``own`` (G,) each gallery
+    column's own query: ``above`` (G,) int64, per column the queries scored above ``hi``, and
+    ``found``, (query, column, score) arrays of the scores inside ``[lo, hi]`` of every column
+    where a query other than its own lies there. Without ``band``, None and []."""
     q = queries if torch.is_tensor(queries) else torch.from_numpy(np.array(queries, dtype=np.float32))
     g = gallery if torch.is_tensor(gallery) else torch.from_numpy(np.array(gallery, dtype=np.float32))
     gt = g.t().contiguous()
@@ -73,11 +93,13 @@ def relevant_ranks(
     if n_rel.min(initial=1) < 1:
         raise ValueError(f"query {int(np.argmin(n_rel))} has no relevant item")
     out = np.empty(len(rel_idx), dtype=np.int64)
+    scores = np.empty(len(rel_idx), dtype=np.float32)
+    above = np.zeros(gt.shape[1], dtype=np.int64) if band else None
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     threads = max(1, torch.get_num_threads())
     with torch.inference_mode(), ThreadPoolExecutor(threads) as pool:
-        for a in range(0, len(q), chunk):
-            b = min(a + chunk, len(q))
-            sims = (q[a:b] @ gt).numpy()  # (B, G)
+        for a, sims in _sweep(q, gt, chunk):
+            b = a + len(sims)
             counts = n_rel[a:b]
             width = int(counts.max())
             # padded relevant matrix (B, width); padding repeats the query's first relevant item
@@ -87,51 +109,80 @@ def relevant_ranks(
             ranks = np.empty((b - a, width), dtype=np.int64)
             ties = np.zeros(b - a, dtype=bool)
             step = -(-(b - a) // threads)
-            blocks = [(lo, lo + step) for lo in range(0, b - a, step)]
-            list(pool.map(_count_above, *zip(*[(sims, s_rel, ranks, ties, lo, hi) for lo, hi in blocks], strict=True)))
-            valid = np.arange(width)[None, :] < counts[:, None]
-            if on_chunk is not None:
-                on_chunk(sims, a, s_rel, valid, pool, blocks)
+            jobs = [(sims, s_rel, ranks, ties, lo, lo + step, band) for lo in range(0, b - a, step)]
+            parts = list(pool.map(_count_rows, *zip(*jobs, strict=True)))
+            if band:
+                lo_t, hi_t, own = band
+                gt_hi = np.sum([p[0] for p in parts], axis=0)
+                above += gt_hi
+                in_band = np.sum([p[1] for p in parts], axis=0) - gt_hi
+                mine = (own >= a) & (own < b)
+                in_band[mine] -= 1  # each column's own query (swept in this chunk)
+                cols = np.flatnonzero(in_band > 0)
+                if len(cols):
+                    sub = sims[:, cols]
+                    r, k = np.nonzero((sub >= lo_t[cols]) & (sub <= hi_t[cols]))
+                    found.append((a + r, cols[k], sub[r, k]))
             for r in np.flatnonzero(ties):  # rare: break ties by gallery order
                 row = sims[r]
                 for j in range(int(counts[r])):
                     item = int(rel[r, j])
                     ranks[r, j] += int(np.count_nonzero(row[:item] == row[item]))
+            valid = np.arange(width)[None, :] < counts[:, None]
+            scores[rel_ptr[a] : rel_ptr[b]] = s_rel[valid]
             sorted_r = np.sort(np.where(valid, ranks, np.iinfo(np.int64).max), axis=1)
             out[rel_ptr[a] : rel_ptr[b]] = sorted_r[valid]  # valid entries sort first
-    return out
+    return out, scores, above, found
 
 
 _BAND = 4.0  # half-width of both_ranks's band, in units of sqrt(d) u sum|a_i b_i|
-_ROWS = 16  # rows per column-count step: 16 x G float32 stay in cache across both passes
+_ROWS = 8  # rows per step: 8 x G float32 (G = 25,000: 800 KB) stay in a core's L2 through every pass
 
 
-def _count_above(sims, s_rel, ranks, ties, lo: int, hi: int) -> None:
-    """Rows [lo, hi): ``ranks[r, j]`` = gallery scores above ``s_rel[r, j]``; ``ties[r]`` = some
-    relevant score is shared with another item. numpy, not torch, for compare-and-count (torch's
-    bool sum ran ~10x slower here); numpy releases the GIL, so row blocks run in parallel. One row
-    at a time into a reused mask, counted whole (``count_nonzero`` without an axis: 2-4x faster
-    than the block's ``count_nonzero(axis=1)`` on this CPU, bench/metrics_bench.py)."""
-    buf = np.empty(sims.shape[1], dtype=bool)
+def _count_rows(sims, s_rel, ranks, ties, lo: int, hi: int, band) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows [lo, hi) of ``sims`` (B, G), :data:`_ROWS` at a time while they are in cache:
+    ``ranks[r, j]`` = gallery scores above ``s_rel[r, j]``; ``ties[r]`` = some relevant score is
+    shared with another item. With ``band`` = (lo_t, hi_t, own), also per column how many rows
+    score above ``hi_t`` and how many at or above ``lo_t`` (both (G,) int64); else None.
+
+    numpy, not torch, for compare-and-count (torch's bool sum ran ~10x slower here); numpy
+    releases the GIL, so row blocks run in parallel. A row's count is ``count_nonzero`` of the
+    whole row's mask (2-4x faster than a block's ``count_nonzero(axis=1)``); a column's is a
+    uint8 sum over the block's rows (4x faster than summing into int64), added into uint8
+    counters that are flushed into int64 before they can overflow."""
+    n, g = len(sims), sims.shape[1]
+    hi = min(hi, n)
+    buf = np.empty(g, dtype=bool)
     count = np.count_nonzero
-    for r in range(lo, min(hi, len(sims))):
-        row = sims[r]
-        for j, t in enumerate(s_rel[r]):
-            ranks[r, j] = count(np.greater(row, t, out=buf))
-            if count(np.equal(row, t, out=buf)) > 1:
-                ties[r] = True
-
-
-def _count_columns(sims, lo_thr, hi_thr, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [r0, r1) of ``sims`` (B, G): per column, how many score above ``hi_thr`` and how many
-    at or above ``lo_thr`` (both (G,)), :data:`_ROWS` rows at a time."""
-    above, at_least = np.zeros(sims.shape[1], dtype=np.int64), np.zeros(sims.shape[1], dtype=np.int64)
-    buf = np.empty((_ROWS, sims.shape[1]), dtype=bool)
-    for a in range(r0, min(r1, len(sims)), _ROWS):
-        b = min(a + _ROWS, r1, len(sims))
-        block, mask = sims[a:b], buf[: b - a]
-        above += np.greater(block, hi_thr, out=mask).view(np.uint8).sum(0, dtype=np.int64)
-        at_least += np.greater_equal(block, lo_thr, out=mask).view(np.uint8).sum(0, dtype=np.int64)
+    if band:
+        lo_t, hi_t, _ = band
+        above, at_least = np.zeros(g, dtype=np.int64), np.zeros(g, dtype=np.int64)
+        acc_hi, acc_lo = np.zeros(g, dtype=np.uint8), np.zeros(g, dtype=np.uint8)
+        mask, part = np.empty((_ROWS, g), dtype=bool), np.empty(g, dtype=np.uint8)
+        since_flush = 0
+    for a in range(lo, hi, _ROWS):
+        b = min(a + _ROWS, hi)
+        if band:
+            block, m = sims[a:b], mask[: b - a].view(np.uint8)
+            np.greater(block, hi_t, out=m.view(bool))
+            acc_hi += m.sum(0, dtype=np.uint8, out=part)
+            np.greater_equal(block, lo_t, out=m.view(bool))
+            acc_lo += m.sum(0, dtype=np.uint8, out=part)
+            since_flush += b - a
+            if since_flush > 255 - _ROWS:
+                above += acc_hi
+                at_least += acc_lo
+                acc_hi[:], acc_lo[:], since_flush = 0, 0, 0
+        for r in range(a, b):
+            row = sims[r]
+            for j, t in enumerate(s_rel[r]):
+                ranks[r, j] = count(np.greater(row, t, out=buf))
+                if count(np.equal(row, t, out=buf)) > 1:
+                    ties[r] = True
+    if not band:
+        return None
+    above += acc_hi
+    at_least += acc_lo
     return above, at_least
 
 
@@ -162,24 +213,9 @@ def both_ranks(img_emb, text_emb, cap_img_rows: np.ndarray, chunk: int = 1024) -
     tol = tol * (_BAND * np.sqrt(t.shape[1]) * 2.0**-24) + 1e-30  # a statistical bound: checked below
     lo, hi = (approx - tol).astype(np.float32), (approx + tol).astype(np.float32)
     lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))  # round outwards
-    above = np.zeros(n_cap, dtype=np.int64)
+    i2t, s_rel, above, band = _ranks(q, torch.from_numpy(t), ptr, idx, chunk, band=(lo, hi, cap_img_rows))
     exact = np.empty(n_cap, dtype=np.float32)
-    band: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def on_chunk(sims, a, s_rel, valid, pool, blocks):
-        exact[idx[ptr[a] : ptr[a + len(sims)]]] = s_rel[valid]
-        parts = list(pool.map(_count_columns, *zip(*[(sims, lo, hi, r0, r1) for r0, r1 in blocks], strict=True)))
-        gt_hi = np.sum([p[0] for p in parts], axis=0)
-        above[:] += gt_hi
-        in_band = np.sum([p[1] for p in parts], axis=0) - gt_hi
-        in_band[idx[ptr[a] : ptr[a + len(sims)]]] -= 1  # each caption's own image (swept in this chunk)
-        cols = np.flatnonzero(in_band > 0)
-        if len(cols):
-            sub = sims[:, cols]
-            r, k = np.nonzero((sub >= lo[cols]) & (sub <= hi[cols]))
-            band.append((a + r, cols[k], sub[r, k]))
-
-    i2t = relevant_ranks(q, torch.from_numpy(t), ptr, idx, chunk=chunk, on_chunk=on_chunk)
+    exact[idx] = s_rel
     if not ((exact >= lo) & (exact <= hi)).all():
         log.warning("float32 similarities outside their error bound: text2img ranks recomputed directly")
         p2, i2 = text2img_relevance(cap_img_rows)
