@@ -3,7 +3,7 @@ seed-style loop measured in the same run: one image at a time, 800-px input, dec
 main process, ``torch.no_grad`` instead of ``inference_mode``, default memory layout and
 allocator. Each measurement runs in a fresh process (the allocator setting is process-wide).
 
-    python -m bench.image_throughput [--images 130] [--frcnn-images 16] [--part all|runtimes|loops]
+    python -m bench.image_throughput [--images 130] [--frcnn-images 16] [--part all|runtimes|loops] [--size 256]
 
 ``--part runtimes``: EfficientNet-Lite0 at 256 px through the whole extraction (batch 4, no
 decoding worker: today's CPU defaults) with PyTorch or ONNX Runtime, full or reduced-size
@@ -71,8 +71,8 @@ def _encoder(kind: str, size: int):
     return FasterRCNNRegions("random", top_n=100, min_size=size, max_size=round(size * 1333 / 800))
 
 
-def _runtimes(n, q):
-    q.put(runtimes(n))
+def _runtimes(n, size, q):
+    q.put(runtimes(n, size))
 
 
 def _measure(kind, size, batch, n, workers, q):
@@ -126,11 +126,12 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=130)
     p.add_argument("--frcnn-images", type=int, default=16)
     p.add_argument("--part", choices=["all", "runtimes", "loops"], default="all")
+    p.add_argument("--size", type=int, default=256, help="input px of the runtimes part")
     a = p.parse_args(argv)
     if a.part in ("all", "runtimes"):
-        rt_rows = in_fresh_process(_runtimes, a.images)
+        rt_rows = in_fresh_process(_runtimes, a.images, a.size)
         print_runtimes(rt_rows, a.images)
-        print("saved", save("image_runtimes", {"rows": rt_rows, "images": a.images}))
+        print("saved", save(f"image_runtimes_{a.size}", {"rows": rt_rows, "images": a.images}))
     if a.part == "runtimes":
         return
     rows = []
