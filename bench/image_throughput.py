@@ -3,7 +3,8 @@ seed-style loop measured in the same run: one image at a time, 800-px input, dec
 main process, ``torch.no_grad`` instead of ``inference_mode``, default memory layout and
 allocator. Each measurement runs in a fresh process (the allocator setting is process-wide).
 
-    python -m bench.image_throughput [--images 130] [--frcnn-images 16] [--part all|runtimes|loops] [--size 256]
+    python -m bench.image_throughput [--images 130] [--frcnn-images 16] [--part all|runtimes|loops]
+                                     [--size 256] [--rounds 3]
 
 ``--part runtimes``: EfficientNet-Lite0 at 256 px through the whole extraction (batch 4, no
 decoding worker: today's CPU defaults) with PyTorch or ONNX Runtime, full or reduced-size
@@ -17,6 +18,7 @@ depend on the weights (the RPN keeps top-N proposals either way).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -71,8 +73,8 @@ def _encoder(kind: str, size: int):
     return FasterRCNNRegions("random", top_n=100, min_size=size, max_size=round(size * 1333 / 800))
 
 
-def _runtimes(n, size, q):
-    q.put(runtimes(n, size))
+def _runtimes(n, size, rounds, q):
+    q.put(runtimes(n, size, rounds))
 
 
 def _measure(kind, size, batch, n, workers, q):
@@ -112,6 +114,7 @@ def runtimes(n: int, size: int = 256, rounds: int = 3) -> list[dict]:
 
 
 def print_runtimes(rows: list[dict], n: int) -> None:
+    print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"EfficientNet-Lite0, {rows[0]['input']} px, {n} real COCO images, batch 4, 0 decoding workers, "
           f"{torch.get_num_threads()} threads (best of interleaved rounds, one process)")
     print("| runtime | decoding | images/s | x today's path | cos to today's (min / mean) |")
@@ -127,9 +130,10 @@ def main(argv=None):
     p.add_argument("--frcnn-images", type=int, default=16)
     p.add_argument("--part", choices=["all", "runtimes", "loops"], default="all")
     p.add_argument("--size", type=int, default=256, help="input px of the runtimes part")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the runtimes part (best of)")
     a = p.parse_args(argv)
     if a.part in ("all", "runtimes"):
-        rt_rows = in_fresh_process(_runtimes, a.images, a.size)
+        rt_rows = in_fresh_process(_runtimes, a.images, a.size, a.rounds)
         print_runtimes(rt_rows, a.images)
         print("saved", save(f"image_runtimes_{a.size}", {"rows": rt_rows, "images": a.images}))
     if a.part == "runtimes":
