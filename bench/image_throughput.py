@@ -3,7 +3,13 @@ seed-style loop measured in the same run: one image at a time, 800-px input, dec
 main process, ``torch.no_grad`` instead of ``inference_mode``, default memory layout and
 allocator. Each measurement runs in a fresh process (the allocator setting is process-wide).
 
-    python -m bench.image_throughput [--images 130] [--frcnn-images 16]
+    python -m bench.image_throughput [--images 130] [--frcnn-images 16] [--part all|runtimes|loops]
+                                     [--size 256] [--rounds 3]
+
+``--part runtimes``: EfficientNet-Lite0 at 256 px through the whole extraction (batch 4, no
+decoding worker: today's CPU defaults) with PyTorch or ONNX Runtime, full or reduced-size
+(``draft``) JPEG decoding, all in one process, in interleaved rounds (best of each), as ratios
+against today's path (PyTorch, full decoding), with the cosine of each row to today's features.
 
 Faster R-CNN runs with random weights here (no COCO weights offline); its cost does not
 depend on the weights (the RPN keeps top-N proposals either way).
@@ -12,6 +18,7 @@ depend on the weights (the RPN keeps top-N proposals either way).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -61,9 +68,13 @@ def knn_overlap(a, b, k=5):
 
 def _encoder(kind: str, size: int):
     if kind == "effnet-lite0":
-        return EffNetLite0Regions(size)
+        return EffNetLite0Regions(size, runtime="torch")  # the loops compared here are PyTorch ones
     torch.manual_seed(0)
     return FasterRCNNRegions("random", top_n=100, min_size=size, max_size=round(size * 1333 / 800))
+
+
+def _runtimes(n, size, rounds, q):
+    q.put(runtimes(n, size, rounds))
 
 
 def _measure(kind, size, batch, n, workers, q):
@@ -77,11 +88,56 @@ def _measure(kind, size, batch, n, workers, q):
     q.put((n / t, f))
 
 
+def runtimes(n: int, size: int = 256, rounds: int = 3) -> list[dict]:
+    """Images/s of the four (runtime, decode) paths of EfficientNet-Lite0 in this process."""
+    from crossmodal.perf import keep_freed_memory
+
+    keep_freed_memory()
+    split = load_split(SHARED / "coco-mini", "train2017")
+    with tempfile.TemporaryDirectory() as cache:
+        paths = {(rt, dec): EffNetLite0Regions(size, runtime=rt, decode=dec, cache_dir=cache)
+                 for rt in ("torch", "onnxruntime") for dec in ("full", "draft")}
+        best, feats = dict.fromkeys(paths, float("inf")), {}
+        ours(paths["torch", "full"], split, 8, 4, 0)  # warm-up: first-call allocations, page cache
+        for _ in range(rounds):
+            for key, enc in paths.items():
+                t, feats[key] = timed(lambda enc=enc: ours(enc, split, n, 4, 0))
+                best[key] = min(best[key], t)
+    base, ref = best["torch", "full"], feats["torch", "full"]
+    out = []
+    for (rt, dec), t in best.items():
+        f = feats[rt, dec]
+        c = np.sum(f * ref, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref, axis=1))
+        out.append({"runtime": rt, "decode": dec, "input": size, "img_s": n / t, "speedup": base / t,
+                    "cos_min": float(c.min()), "cos_mean": float(c.mean())})
+    return out
+
+
+def print_runtimes(rows: list[dict], n: int) -> None:
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    print(f"EfficientNet-Lite0, {rows[0]['input']} px, {n} real COCO images, batch 4, 0 decoding workers, "
+          f"{torch.get_num_threads()} threads (best of interleaved rounds, one process)")
+    print("| runtime | decoding | images/s | x today's path | cos to today's (min / mean) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['runtime']} | {r['decode']} | {r['img_s']:.1f} | {r['speedup']:.2f} | "
+              f"{r['cos_min']:.5f} / {r['cos_mean']:.5f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=130)
     p.add_argument("--frcnn-images", type=int, default=16)
+    p.add_argument("--part", choices=["all", "runtimes", "loops"], default="all")
+    p.add_argument("--size", type=int, default=256, help="input px of the runtimes part")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the runtimes part (best of)")
     a = p.parse_args(argv)
+    if a.part in ("all", "runtimes"):
+        rt_rows = in_fresh_process(_runtimes, a.images, a.size, a.rounds)
+        print_runtimes(rt_rows, a.images)
+        print("saved", save(f"image_runtimes_{a.size}", {"rows": rt_rows, "images": a.images}))
+    if a.part == "runtimes":
+        return
     rows = []
     configs = {"effnet-lite0": (a.images, [(800, 1, 0), (800, 1, 1), (512, 4, 1), (384, 4, 1), (256, 4, 1),
                                            (256, 4, 0), (224, 4, 1)]),

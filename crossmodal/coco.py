@@ -277,8 +277,11 @@ def _build(name, image_dir, images, anns, source, sl, skip_bad) -> CaptionSplit:
     )
 
 
-def load_image(path: str | Path, image_id: int | None = None) -> Image.Image:
+def load_image(path: str | Path, image_id: int | None = None, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image file to RGB, whatever its mode (L, CMYK, P, RGBA...).
+
+    ``draft`` (w, h): a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, the smallest that
+    keeps it at least w x h (Pillow's ``Image.draft``); other formats are decoded in full.
 
     Transparent images are composited on white. Missing, unreadable, truncated or corrupt
     files, and images over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, its guard against
@@ -290,6 +293,8 @@ def load_image(path: str | Path, image_id: int | None = None) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not decoded
             im = Image.open(path)
         with im:
+            if draft is not None:
+                im.draft("RGB", tuple(draft))
             im.load()  # forces a full decode: truncated files fail here, not later
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")

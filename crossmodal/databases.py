@@ -47,6 +47,14 @@ def image_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default="effnet-lite0", choices=IMAGE_ENCODERS)
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
                    help="effnet-lite0: square input side (default 256)")
+    g = p.add_argument_group("effnet-lite")
+    g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
+                   help="auto: ONNX Runtime on the CPU when installed (the same vectors), else PyTorch")
+    g.add_argument("--decode", default="full", choices=["full", "draft"],
+                   help="draft: libjpeg decodes JPEGs at 1/2, 1/4 or 1/8 scale when that stays at least the input "
+                        "size (faster; other vectors, so a setting of the features)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where the ONNX export is kept (default $XDG_CACHE_HOME/crossmodal or ~/.cache/crossmodal)")
     g = p.add_argument_group("fasterrcnn")
     g.add_argument("--detector-weights", default="torchvision",
                    help="'torchvision' (its COCO weights, downloaded/cached by torchvision) or a state-dict PATH")
@@ -117,11 +125,11 @@ def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
 
 
 def _extract_images(a, split, npy, shard) -> dict:
+    device = resolve_device(a.device)
     enc = build_image_encoder(
         a.encoder, input_size=a.input_size, detector_weights=a.detector_weights,
         detector_version=a.detector_version, top_n=a.top_n, pooling=a.pooling, min_size=a.min_size,
-        max_size=a.max_size)
-    device = resolve_device(a.device)
+        max_size=a.max_size, runtime=a.runtime, decode=a.decode, device=device, cache_dir=a.cache_dir)
     batch = a.batch_size or (32 if device.type == "cuda" else 4)  # CPU: larger batches measured slower
     return extract_images(split, enc, npy, batch_size=batch, workers=a.workers, device=device, shard=shard,
                           skip_bad=a.skip_bad, force=a.force, progress=not a.no_progress)

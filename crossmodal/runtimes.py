@@ -261,17 +261,19 @@ class OvSession:
 
 
 def start_session(module, example: dict, tag: str, runtime: str = "onnxruntime", precision: str = "fp32",
-                  folder: str | Path | None = None, required: bool = True) -> tuple[Path | None, object]:
-    """Export a module whose first output is ``last_hidden_state`` (B, T, H) (once per weights:
-    :func:`export_onnx`, inputs and output dynamic in batch and tokens) and open an
-    :class:`OrtSession` (``runtime`` ``onnxruntime``) or :class:`OvSession` (``openvino``) over
-    it. When not ``required`` (runtime ``auto``), a failure is logged and gives ``(None, None)``:
-    the caller runs PyTorch, and its sidecar says so."""
+                  folder: str | Path | None = None, required: bool = True, output: str = "last_hidden_state",
+                  axes: dict | None = None) -> tuple[Path | None, object]:
+    """Export a module whose first output is ``output`` (default ``last_hidden_state`` (B, T, H))
+    (once per weights: :func:`export_onnx`, inputs and output dynamic in ``axes``, default batch
+    and tokens: ``{0: "batch", 1: "tokens"}``) and open an :class:`OrtSession` (``runtime``
+    ``onnxruntime``) or :class:`OvSession` (``openvino``) over it. When not ``required`` (runtime
+    ``auto``), a failure is logged and gives ``(None, None)``: the caller runs PyTorch, and its
+    sidecar says so."""
     from .outputs import OutputBusyError
 
-    dynamic = {n: {0: "batch", 1: "tokens"} for n in [*example, "last_hidden_state"]}
+    dynamic = {n: dict(axes or {0: "batch", 1: "tokens"}) for n in [*example, output]}
     try:
-        path, _ = export_onnx(module, example, ["last_hidden_state"], dynamic, tag, precision, folder)
+        path, _ = export_onnx(module, example, [output], dynamic, tag, precision, folder)
         return path, (OvSession if runtime == "openvino" else OrtSession)(path)
     except (ModelError, OutputBusyError) as e:
         if required:
@@ -281,9 +283,9 @@ def start_session(module, example: dict, tag: str, runtime: str = "onnxruntime",
 
 
 def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", folder: str | Path | None = None,
-                      required: bool = True) -> tuple[Path | None, OrtSession | None]:
-    """:func:`start_session` with ONNX Runtime."""
-    return start_session(module, example, tag, "onnxruntime", precision, folder, required)
+                      required: bool = True, **kw) -> tuple[Path | None, OrtSession | None]:
+    """:func:`start_session` with ONNX Runtime (``kw``: its ``output`` and ``axes``)."""
+    return start_session(module, example, tag, "onnxruntime", precision, folder, required, **kw)
 
 
 def runtime_record(runtime: str, precision: str = "fp32", export: Path | None = None,
