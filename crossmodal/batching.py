@@ -209,13 +209,14 @@ class QueryEncoders:
     def image_rows(self, xs: list) -> np.ndarray:
         """(B,) preprocessed images (C, H, W) -> (B, d) queries: image encoder, then the image head.
         Images are encoded together only with others of their shape: an encoder of variable-size
-        inputs (Faster R-CNN) pads a batch to its largest image, which would change the features."""
+        inputs (Faster R-CNN) pads a batch to its largest image, which would change the features.
+        An ensemble's input is a tuple of its distinct encoders' inputs (``ensemble.StackedEncoder``)."""
         import torch
 
         s = self.searcher
         groups: dict[tuple, list[int]] = {}
         for i, x in enumerate(xs):
-            groups.setdefault(tuple(x.shape), []).append(i)
+            groups.setdefault(_shape_key(x), []).append(i)
         out = None
         with torch.inference_mode():
             for rows in groups.values():
@@ -236,3 +237,8 @@ class QueryEncoders:
     def close(self) -> None:
         self._text.close()
         self._image.close()
+
+
+def _shape_key(x) -> tuple:
+    """A preprocessed input's shape; for an ensemble's tuple of inputs, the tuple of their shapes."""
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(_shape_key(p) for p in x)
