@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,9 @@ class Searcher:
         text = " ".join((text or "").split())
         if not has_visible_text(text):
             raise QueryError(422, "the query text is blank (no visible character): type some words")
+        if any(c == "\ufffd" or unicodedata.category(c) == "Cc" for c in text):
+            raise QueryError(422, "the query text holds a control character (such as NUL) or bytes that are not "
+                                  "UTF-8: type plain text")
         if len(text) > self.limits.max_text_chars:
             raise QueryError(413, f"the query text has {len(text)} characters; the limit is "
                                   f"{self.limits.max_text_chars}")

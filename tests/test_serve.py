@@ -332,6 +332,9 @@ def test_page_and_static_files(client):
 @pytest.mark.parametrize("params,status,words", [
     ({"q": "", "k": 5}, 422, "blank"),
     ({"q": "   \t ", "k": 5}, 422, "blank"),
+    ({"q": "a dog\x00", "k": 5}, 422, "control character"),
+    ({"q": "a \x1b[31mdog", "k": 5}, 422, "control character"),
+    ({"q": "a \ufffd dog", "k": 5}, 422, "not UTF-8"),
     ({"q": "a dog " * 100, "k": 5}, 413, "limit is 500"),
     ({"q": "a dog", "k": 0}, 422, "between 1 and 100"),
     ({"q": "a dog", "k": 101}, 422, "between 1 and 100"),
@@ -342,6 +345,11 @@ def test_page_and_static_files(client):
 def test_bad_text_queries(client, params, status, words):
     msg = _is_one_line_error(client.get("/api/text", params=params), status)
     assert words in msg, msg
+
+
+def test_text_query_of_bytes_that_are_not_utf8_is_refused(client):
+    msg = _is_one_line_error(client.get("/api/text?q=a%FF%FEdog&k=5"), 422)
+    assert "not UTF-8" in msg, msg
 
 
 def test_bad_image_queries(searcher, client):
