@@ -133,12 +133,12 @@ def train_fasttext(
     return path
 
 
-# Run in a fresh interpreter that imports nothing but fastText. fastText's skipgram reads memory
-# it never wrote on small corpora: in a process whose heap has a history (torch, numpy, our
-# modules) the same corpus gave different models, or "Encountered NaN", from run to run. A fresh
-# process with a fixed hash seed, given the same relative file names from its own working folder,
-# has the same heap every time: the model is reproducible (with absolute paths, two output
-# folders whose names differed in length gave two models).
+# fastText fills only the first threads/10 of its input matrix (DenseMatrix::uniformThread splits it
+# into 10 blocks, one per thread) and fasttext-numpy2 allocates that matrix with posix_memalign, not
+# zeroed: with one thread 90% of the word and n-gram rows started as whatever the heap held, so the
+# model (or "Encountered NaN") varied with the interpreter path, the environment and ASLR. The worker
+# runs with glibc's allocator told to zero every allocation (perturb byte 255; the tcache, which skips
+# it, off): those rows start at 0 as in upstream fastText, and the model is the same bytes everywhere.
 _WORKER = """
 import json, sys
 import fasttext
@@ -163,7 +163,8 @@ for t, lr in a.pop("attempts"):
     print(json.dumps({"ok": [t, lr]}), flush=True)
     break
 """
-# "Encountered NaN" on tiny corpora: subsample frequent words less, lower the learning rate
+_ZEROED_HEAP = "glibc.malloc.perturb=255:glibc.malloc.tcache_count=0"  # malloc'd memory reads 0 (see above)
+# "Encountered NaN" (not seen since the rows are zeroed): subsample frequent words less, lower the rate
 _ATTEMPTS = [(1e-4, 0.05), (1e-3, 0.05), (1e-3, 0.025), (1e-2, 0.025)]
 
 
@@ -177,7 +178,7 @@ def _train_in_subprocess(work: Path, dim: int, epoch: int, bucket: int, threads:
     corpus, out = work / "corpus.txt", work / "model.bin"
     args = {"input": corpus.name, "output": out.name, "dim": dim, "epoch": epoch, "bucket": bucket,
             "threads": threads, "attempts": _ATTEMPTS}
-    env = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}  # fixed, not inherited: its size shapes the worker's heap
+    env = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8", "GLIBC_TUNABLES": _ZEROED_HEAP}  # fixed, not inherited
     proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(args)], capture_output=True, text=True, env=env,
                           cwd=work)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]

@@ -322,6 +322,34 @@ def test_fasttext_training_is_reproducible_across_processes(small_root, tmp_path
     assert here.read_bytes() == (tmp_path / "a" / "train_model_fasttext.bin").read_bytes()
 
 
+
+def _interpreter_at(folder):
+    """``folder/bin/python``: this interpreter reached through a symlink (with the venv's pyvenv.cfg
+    and lib beside it when it runs in one, so its site-packages, fastText included, are found)."""
+    (folder / "bin").mkdir(parents=True)
+    if sys.prefix != sys.base_prefix:
+        shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), folder / "pyvenv.cfg")
+        (folder / "lib").symlink_to(os.path.join(sys.prefix, "lib"))
+    (folder / "bin" / "python").symlink_to(sys.executable)
+    return str(folder / "bin" / "python")
+
+
+def test_fasttext_model_is_the_same_whatever_the_interpreter_path(small_root, tmp_path, monkeypatch):
+    """The interpreter's path (where a clone or venv lives) shapes the worker's heap; fastText starts
+    90% of its rows from uninitialised memory unless the worker zeroes it: same bytes, first settings."""
+    from crossmodal.text_encoders import _ATTEMPTS, _train_in_subprocess, normalise_caption
+
+    corpus = "\n".join(normalise_caption(c) for c in load_split(small_root, "val").captions) + "\n"
+    models = []
+    for name in ("a", "b" * 120):
+        monkeypatch.setattr(sys, "executable", _interpreter_at(tmp_path / name / "venv"))
+        work = tmp_path / name / "work"
+        work.mkdir()
+        (work / "corpus.txt").write_text(corpus)
+        assert _train_in_subprocess(work, dim=8, epoch=1, bucket=300, threads=1) == tuple(_ATTEMPTS[0])
+        models.append((work / "model.bin").read_bytes())
+    assert models[0] == models[1]
+
 @ROOTS
 def test_fasttext_pretrained_model_is_used(tmp_path, request, where):
     root = data_root(request, where)
