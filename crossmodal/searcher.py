@@ -141,12 +141,12 @@ class Searcher:
     def text_query(self, text: str, k: int) -> dict:
         t0 = time.perf_counter()
         self.check_k(k)
-        text = " ".join((text or "").split())
+        # control characters (NUL, ESC, ...) separate words like white space; they never reach the encoder
+        text = " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in (text or "")).split())
         if not has_visible_text(text):
             raise QueryError(422, "the query text is blank (no visible character): type some words")
-        if any(c == "\ufffd" or unicodedata.category(c) == "Cc" for c in text):
-            raise QueryError(422, "the query text holds a control character (such as NUL) or bytes that are not "
-                                  "UTF-8: type plain text")
+        if "\ufffd" in text:
+            raise QueryError(422, "the query text holds bytes that are not UTF-8 (shown as U+FFFD): type plain text")
         if len(text) > self.limits.max_text_chars:
             raise QueryError(413, f"the query text has {len(text)} characters; the limit is "
                                   f"{self.limits.max_text_chars}")
