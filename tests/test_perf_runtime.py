@@ -7,7 +7,12 @@ import pytest
 
 from crossmodal.coco import load_split
 from crossmodal.errors import ModelError
-from tests.test_text_runtime_batches import _captions, _cos
+from tests.test_text_runtime_batches import (
+    _captions,
+    _cos,
+    assert_equal_on_every_row,
+    assert_equal_with_pooling_and_length,
+)
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -25,23 +30,13 @@ def encoders(tmp_path_factory):
 def test_onnxruntime_gives_pytorch_vectors_on_every_row(encoders, small_root, batch_size):
     torch_enc, ort_enc, _ = encoders
     assert (torch_enc.runtime, ort_enc.runtime) == ("torch", "onnxruntime")
-    caps = _captions(small_root)[-(12 if batch_size == 1 else 48):]  # one at a time: a sample
-    ref, got = torch_enc.encode(caps, batch_size=batch_size), ort_enc.encode(caps, batch_size=batch_size)
-    assert got.shape == ref.shape == (len(caps), 384) and got.dtype == np.float32
-    assert _cos(ref, got).min() >= 0.9999
+    assert_equal_on_every_row(torch_enc, ort_enc, small_root, batch_size)
 
 
 @pytest.mark.parametrize(("pooling", "max_length"), [("cls", 64), ("mean", 12)])
 def test_onnxruntime_equal_with_other_pooling_and_length(encoders, small_root, pooling, max_length):
     torch_enc, ort_enc, _ = encoders
-    caps = _captions(small_root)[:40]
-    for enc in (torch_enc, ort_enc):
-        enc.pooling, enc.max_length = pooling, max_length
-    try:
-        assert _cos(torch_enc.encode(caps, batch_size=16), ort_enc.encode(caps, batch_size=16)).min() >= 0.9999
-    finally:
-        for enc in (torch_enc, ort_enc):
-            enc.pooling, enc.max_length = "mean", 64
+    assert_equal_with_pooling_and_length(torch_enc, ort_enc, small_root, pooling, max_length)
 
 
 def test_export_is_reused_and_remade_when_corrupt(encoders, monkeypatch):
