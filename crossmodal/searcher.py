@@ -195,32 +195,20 @@ class Searcher:
                        "batch": batch["batch"]}}
 
     def _images(self, q: np.ndarray, k: int, true_ids: set[int]) -> list[dict]:
-        from .index import search
-
         g = self.gallery
-        _faiss_threads()
-        D, I = search(g.img_index, q, k)
         out = []
-        for s, r in zip(D[0].tolist(), I[0].tolist(), strict=True):
-            if r < 0:
-                continue
+        for score, r in _hits(g.img_index, q, k):
             iid = int(g.img_ids[r])
-            out.append({"image_id": iid, "score": round(float(s), 4), "true": iid in true_ids,
+            out.append({"image_id": iid, "score": score, "true": iid in true_ids,
                         "url": _image_url(iid), "thumb_url": _thumb_url(iid), "captions": self._true_captions(iid)})
         return out
 
     def _captions(self, q: np.ndarray, k: int, true_image: int | None) -> list[dict]:
-        from .index import search
-
         g = self.gallery
-        _faiss_threads()
-        D, I = search(g.txt_index, q, k)
         out = []
-        for s, r in zip(D[0].tolist(), I[0].tolist(), strict=True):
-            if r < 0:
-                continue
+        for score, r in _hits(g.txt_index, q, k):
             iid = int(g.cap_img_ids[r])
-            out.append({"caption_id": int(g.cap_ids[r]), "text": g.cap_text[r], "score": round(float(s), 4),
+            out.append({"caption_id": int(g.cap_ids[r]), "text": g.cap_text[r], "score": score,
                         "image_id": iid, "true": iid == true_image, "url": _image_url(iid),
                         "thumb_url": _thumb_url(iid)})
         return out
@@ -282,6 +270,16 @@ def _faiss_threads() -> None:
 
         faiss.omp_set_num_threads(n)
         _local.faiss_threads = n
+
+
+def _hits(index, q: np.ndarray, k: int) -> list[tuple[float, int]]:
+    """The ``k`` nearest rows of ``index`` to one query ``q`` (1, d): (score rounded to 4 places, row), best
+    first; Faiss's -1 fillers (fewer than ``k`` rows) left out."""
+    from .index import search
+
+    _faiss_threads()
+    D, I = search(index, q, k)
+    return [(round(float(s), 4), r) for s, r in zip(D[0].tolist(), I[0].tolist(), strict=True) if r >= 0]
 
 
 def _ms(**secs) -> dict:
