@@ -21,8 +21,9 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_CHOICES = ("auto", *INDEX_KINDS)  # what --index accepts: a kind, or the rule by size
 # galleries of this many vectors or more get an IVF index by default. One query on one thread
 # against a flat index costs about 0.03 ms per 1,000 vectors here (3.3 ms at 123K images, 20-25 ms at
-# 616K captions: most of a full-COCO query's CPU), against 0.07-0.3 ms with IVF at recall@10 1.000 on
-# clustered synthetic vectors; below this size flat stays exact and costs under 3 ms
+# 616K captions: most of a full-COCO query's CPU); with IVF an image-id query's two searches and its
+# answer took 0.45-0.67 ms, recall@10 1.000 on clustered synthetic vectors (BENCHMARKS.md, "Search at
+# full-COCO scale"); below this size flat stays exact and costs under 3 ms
 AUTO_IVF_FROM = 100_000
 
 
