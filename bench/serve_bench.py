@@ -6,8 +6,9 @@ captions).
 The heads and the encoders are a real run's (default: the demo's best model, after ``make
 demo``; else a small run built like the tests' one, with images at 256 px as in the demo); the
 gallery is synthetic: unit vectors in clusters (an image's captions lie near it), made-up
-captions, indexes of the ``--index`` / ``--caption-index`` kinds (flat by default), so the
-index side has the real sizes.
+captions, indexes of the ``--index`` / ``--caption-index`` kinds (default ``auto``: the
+pipeline's rule by size, flat at 5K, IVF at full scale; an approximate index is kept in the temp
+folder for the next run), so the index side has the real sizes.
 
 Measured, each as p50/p95:
 
@@ -18,6 +19,9 @@ Measured, each as p50/p95:
   1 client (``--queries`` requests) and ``--clients`` concurrent clients (threads, each its own
   keep-alive connection, ``--per-client`` requests each), for each ``--modes`` (batching off:
   ``--max-batch 0``; on: ``--max-batch`` / ``--batch-wait-ms``): one server process per mode;
+- CPU time per timed request of the client process (``--client``: httpx, or Python's
+  http.client with the same requests) and of the server process, and the means of the
+  server's own ``ms`` fields;
 - the server's start-up time (model load; synthetic gallery + index build) and its resident
   memory (after start-up, and its peak over the whole run).
 
@@ -25,7 +29,7 @@ For an approximate index (``ivf`` / ``hnsw``) the server measures its recall@10 
 search (flat) on ``--recall-queries`` queries before it starts serving.
 
     python -m bench.serve_bench [--run runs/demo --coco-root data/demo]          # 5K, ~1.5 min
-    python -m bench.serve_bench --scale full --index ivf --modes on              # full COCO, ~2 min
+    python -m bench.serve_bench --scale full --modes on                          # full COCO, ~1 min (+80 s once)
 """
 
 from __future__ import annotations
