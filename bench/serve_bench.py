@@ -6,8 +6,9 @@ captions).
 The heads and the encoders are a real run's (default: the demo's best model, after ``make
 demo``; else a small run built like the tests' one, with images at 256 px as in the demo); the
 gallery is synthetic: unit vectors in clusters (an image's captions lie near it), made-up
-captions, indexes of the ``--index`` / ``--caption-index`` kinds (flat by default), so the
-index side has the real sizes.
+captions, indexes of the ``--index`` / ``--caption-index`` kinds (default ``auto``: the
+pipeline's rule by size, flat at 5K, IVF at full scale; an approximate index is kept in the temp
+folder for the next run), so the index side has the real sizes.
 
 Measured, each as p50/p95:
 
@@ -18,6 +19,9 @@ Measured, each as p50/p95:
   1 client (``--queries`` requests) and ``--clients`` concurrent clients (threads, each its own
   keep-alive connection, ``--per-client`` requests each), for each ``--modes`` (batching off:
   ``--max-batch 0``; on: ``--max-batch`` / ``--batch-wait-ms``): one server process per mode;
+- CPU time per timed request of the client process (``--client``: httpx, or Python's
+  http.client with the same requests) and of the server process, and the means of the
+  server's own ``ms`` fields;
 - the server's start-up time (model load; synthetic gallery + index build) and its resident
   memory (after start-up, and its peak over the whole run).
 
@@ -25,7 +29,7 @@ For an approximate index (``ivf`` / ``hnsw``) the server measures its recall@10 
 search (flat) on ``--recall-queries`` queries before it starts serving.
 
     python -m bench.serve_bench [--run runs/demo --coco-root data/demo]          # 5K, ~1.5 min
-    python -m bench.serve_bench --scale full --index ivf --modes on              # full COCO, ~2 min
+    python -m bench.serve_bench --scale full --modes on                          # full COCO, ~1 min (+80 s once)
 """
 
 from __future__ import annotations
@@ -52,16 +56,17 @@ WORDS = ["dogs", "cats", "circles", "people", "squares", "horses", "triangles"]
 
 def parser() -> argparse.ArgumentParser:
     from crossmodal.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS
-    from crossmodal.index import INDEX_KINDS
+    from crossmodal.index import INDEX_CHOICES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="runs/demo", help="a run, or a pipeline output (its best model)")
     p.add_argument("--coco-root", default="data/demo")
     p.add_argument("--split", default="val")
     p.add_argument("--scale", choices=sorted(SCALES), default="5k", help="gallery size (default %(default)s)")
-    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="the image index (text queries search it)")
-    p.add_argument("--caption-index", choices=INDEX_KINDS, default="flat",
-                   help="the caption index (image-id and upload queries search it)")
+    p.add_argument("--index", choices=INDEX_CHOICES, default="auto", help="the image index (text queries search "
+                   "it); default auto: the pipeline's rule by size (crossmodal.index.auto_kind)")
+    p.add_argument("--caption-index", choices=INDEX_CHOICES, default="auto",
+                   help="the caption index (image-id and upload queries search it); default auto")
     p.add_argument("--queries", type=int, default=100, help="timed queries of one client")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--clients", type=int, default=8)
@@ -73,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-batch", type=int, default=DEFAULT_MAX_IMAGE_BATCH, help="batching on: uploads "
                    "per batch (default %(default)s, the server's)")
     p.add_argument("--recall-queries", type=int, default=200)
+    p.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                   help="HTTP client of the benchmark: httpx, or Python's http.client (same requests, less "
+                        "client CPU on the server's cores; default %(default)s)")
     p.add_argument("--serve-port-file", default=None, help=argparse.SUPPRESS)  # internal: server mode
     return p
 
@@ -121,9 +129,30 @@ def recall_at_10(index, xb: np.ndarray, xq: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got.tolist(), want.tolist(), strict=True)]))
 
 
+def cached_index(xb: np.ndarray, kind: str) -> tuple[object, str]:
+    """``build_index(xb, kind)``, an approximate one kept in the temp folder under the digest of
+    ``xb`` (N, d) and its kind (the synthetic gallery is the same in every run: an IVF over 616K
+    captions takes minutes to train here) -> (index, "built" or "cached")."""
+    import hashlib
+
+    from crossmodal.index import build_index, load_index, resolve_kind, save_index
+
+    kind = resolve_kind(kind, len(xb))
+    if kind == "flat":
+        return build_index(xb, kind), "built"
+    digest = hashlib.sha256(np.ascontiguousarray(xb, dtype=np.float32).tobytes()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / "serve_bench_indexes" / f"{kind}-{len(xb)}x{xb.shape[1]}-{digest}.faiss"
+    if path.is_file():
+        return load_index(path, expect_ntotal=len(xb)), "cached"
+    index = build_index(xb, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_index(index, path)
+    return index, "built"
+
+
 def synthetic_searcher(a, run: str, coco_root: str, timings: dict | None = None):
     """The run's heads and encoders over a synthetic gallery of the ``--scale``'s size."""
-    from crossmodal.index import build_index, describe
+    from crossmodal.index import describe
     from crossmodal.serve import Gallery, Searcher
 
     timings = {} if timings is None else timings
@@ -134,13 +163,13 @@ def synthetic_searcher(a, run: str, coco_root: str, timings: dict | None = None)
     img, txt = synthetic_embeddings(n_img, n_cap, s.info["dim"])
     img_ids, cap_ids, cap_img_ids = synthetic_ids(n_img, n_cap)
     t2 = time.perf_counter()
-    img_index, txt_index = build_index(img, a.index), build_index(txt, a.caption_index)
+    (img_index, img_src), (txt_index, txt_src) = cached_index(img, a.index), cached_index(txt, a.caption_index)
     t3 = time.perf_counter()
     rows = np.random.default_rng(1).integers(0, n_cap, a.recall_queries)
     recall = {}  # queries: captions for the image index, images for the caption index
-    if a.index != "flat":
+    if describe(img_index)["type"] != "IndexFlatIP":
         recall["images"] = round(recall_at_10(img_index, img, txt[rows]), 4)
-    if a.caption_index != "flat":
+    if describe(txt_index)["type"] != "IndexFlatIP":
         recall["captions"] = round(recall_at_10(txt_index, txt, img[rows % n_img]), 4)
     if recall:
         timings["recall@10_vs_flat"] = recall
@@ -149,9 +178,11 @@ def synthetic_searcher(a, run: str, coco_root: str, timings: dict | None = None)
                         cap_text=[f"synthetic caption number {i} of the benchmark gallery" for i in range(n_cap)],
                         img_emb=img, img_index=img_index, txt_index=txt_index)
     t4 = time.perf_counter()
-    s.info.update(images=n_img, captions=n_cap, index=describe(img_index)["type"])
+    s.info.update(images=n_img, captions=n_cap, index=describe(img_index)["type"],
+                  caption_index=describe(txt_index)["type"])
     timings.update(model_load_s=round(t1 - t0, 2), embeddings_s=round(t2 - t1, 2), index_build_s=round(t3 - t2, 2),
-                   gallery_s=round(t4 - t3, 2), image_index=describe(img_index), caption_index=describe(txt_index))
+                   gallery_s=round(t4 - t3, 2), image_index=describe(img_index), caption_index=describe(txt_index),
+                   index_source={"images": img_src, "captions": txt_src})
     return s
 
 
@@ -213,42 +244,131 @@ def upload_photo() -> tuple[str, bytes]:
     return "synthetic 640x480 JPEG (../shared/data/coco-mini not found)", buf.getvalue()
 
 
-def throughput(url: str, make_request, clients: int, per_client: int, warmup: int = 0) -> dict:
-    """``clients`` threads, each with its own keep-alive connection, ``warmup`` untimed then
-    ``per_client`` timed requests each (all start together after the warm-up)."""
-    import httpx
+class Request(tuple):
+    """One HTTP request as both clients send it: (method, path with its query string, body bytes or
+    None, headers)."""
 
+    __slots__ = ()
+
+    def __new__(cls, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        return super().__new__(cls, (method, path, body, headers or {}))
+
+
+def multipart(field: str, filename: str, data: bytes, ctype: str) -> tuple[bytes, dict]:
+    """A multipart/form-data body of one file and its Content-Type header (what httpx's
+    ``files=`` sends, built once so that both clients send the same bytes)."""
+    boundary = "serve-bench-7d1f0c2a9b"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    return head + data + tail, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+class HttpxClient:
+    """httpx.Client: one keep-alive connection (HTTP/1.1)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.c = httpx.Client(base_url=url, timeout=120)
+
+    def send(self, req: Request) -> tuple[int, bytes]:
+        method, path, body, headers = req
+        r = self.c.request(method, path, content=body, headers=headers)
+        return r.status_code, r.content
+
+    def close(self):
+        self.c.close()
+
+
+class StdlibClient:
+    """Python's http.client: the same requests over one keep-alive HTTP/1.1 connection (it sets
+    TCP_NODELAY), with less Python per request than httpx."""
+
+    def __init__(self, url: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+
+    def send(self, req: Request) -> tuple[int, bytes]:
+        method, path, body, headers = req
+        self.c.request(method, path, body=body, headers=headers)
+        r = self.c.getresponse()
+        return r.status, r.read()
+
+    def close(self):
+        self.c.close()
+
+
+CLIENTS = {"httpx": HttpxClient, "stdlib": StdlibClient}
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process (``pid`` None) or of ``pid``
+    (from /proc, Linux; NaN elsewhere)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(url: str, make_request, clients: int, per_client: int, warmup: int = 0, client: str = "httpx",
+               server_pid: int | None = None) -> dict:
+    """``clients`` threads, each with its own keep-alive connection (``client``: httpx or
+    stdlib), ``warmup`` untimed then ``per_client`` timed requests each (all start together
+    after the warm-up). Besides latency: CPU per timed request of this (client) process and of
+    the server process, and the means of the server's own ``ms`` fields."""
     lat: list[float] = []
+    bodies: list[bytes] = []
     lock = threading.Lock()
     errors = []
     ready = threading.Barrier(clients + 1)
+    done = threading.Barrier(clients + 1)
 
     def worker(c: int):
-        with httpx.Client(base_url=url, timeout=120) as client:
+        conn = CLIENTS[client](url)
+        try:
             for i in range(warmup):
-                make_request(client, c * per_client + i)
+                conn.send(make_request(c * per_client + i))
             ready.wait()
             for i in range(per_client):
+                req = make_request(c * per_client + i)
                 t0 = time.perf_counter()
-                r = make_request(client, c * per_client + i)
+                status, body = conn.send(req)
                 dt = (time.perf_counter() - t0) * 1000
-                if r.status_code != 200:
-                    errors.append(r.text)
                 with lock:
+                    (bodies if status == 200 else errors).append(body)
                     lat.append(dt)
+            done.wait()
+        finally:
+            conn.close()
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     ready.wait()
-    t0 = time.perf_counter()
+    t0, c0, s0 = time.perf_counter(), cpu_s(), cpu_s(server_pid) if server_pid else float("nan")
+    done.wait()
+    wall, c1, s1 = time.perf_counter() - t0, cpu_s(), cpu_s(server_pid) if server_pid else float("nan")
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
     if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
-    return {"clients": clients, "requests": len(lat), "wall_s": round(wall, 2), "req_per_s": round(len(lat) / wall, 1),
-            **pct(lat)}
+        raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0][:300]!r}")
+    n = len(lat)
+    fields: dict[str, list[float]] = {}
+    for b in bodies:
+        for k, v in json.loads(b).get("ms", {}).items():
+            fields.setdefault(k, []).append(v)
+    return {"clients": clients, "requests": n, "wall_s": round(wall, 2), "req_per_s": round(n / wall, 1),
+            **pct(lat), "client_cpu_ms": round((c1 - c0) * 1000 / n, 2),
+            "server_cpu_ms": round((s1 - s0) * 1000 / n, 2),
+            "server_ms": {k: round(float(np.mean(v)), 2) for k, v in fields.items()}}
 
 
 def rss_mb(pid: int) -> dict:
@@ -293,18 +413,21 @@ def start_server(a, run: str, coco_root: str, on: bool):
     return server, url, info
 
 
-def measure_mode(a, url: str, sentences: list[str], photo: bytes, img_ids: np.ndarray) -> dict:
+def measure_mode(a, url: str, sentences: list[str], photo: bytes, img_ids: np.ndarray, server_pid: int) -> dict:
     """1 client and ``--clients`` clients, for text, upload and image-id queries."""
+    from urllib.parse import urlencode
+
+    body, headers = multipart("file", "photo.jpg", photo, "image/jpeg")
+    texts = [Request("GET", "/api/text?" + urlencode({"q": t, "k": 10})) for t in sentences]
     requests = {
-        "text": lambda cl, i: cl.get("/api/text", params={"q": sentences[i % len(sentences)], "k": 10}),
-        "upload": lambda cl, i: cl.post("/api/upload", params={"k": 10},
-                                        files={"file": ("photo.jpg", photo, "image/jpeg")}),
-        "image id": lambda cl, i: cl.get(f"/api/image/{int(img_ids[(i * 7919) % len(img_ids)])}", params={"k": 10}),
+        "text": lambda i: texts[i % len(texts)],
+        "upload": lambda i: Request("POST", "/api/upload?k=10", body, headers),
+        "image id": lambda i: Request("GET", f"/api/image/{int(img_ids[(i * 7919) % len(img_ids)])}?k=10"),
     }
     out = {}
     for name, req in requests.items():
-        out[name] = {1: throughput(url, req, 1, a.queries, warmup=a.warmup),
-                     a.clients: throughput(url, req, a.clients, a.per_client, warmup=2)}
+        out[name] = {1: throughput(url, req, 1, a.queries, a.warmup, a.client, server_pid),
+                     a.clients: throughput(url, req, a.clients, a.per_client, 2, a.client, server_pid)}
     return out
 
 
@@ -338,6 +461,7 @@ def main(argv=None) -> dict:
         return {}
     from crossmodal.serve import set_threads
 
+    load0 = os.getloadavg()
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"off", "on"}:
         raise SystemExit(f"--modes {a.modes!r}: give off, on or off,on")
@@ -362,7 +486,7 @@ def main(argv=None) -> dict:
     for mode in modes:
         server, url, info = start_server(a, run, coco_root, mode == "on")
         try:
-            results[mode] = measure_mode(a, url, sentences, photo, img_ids)
+            results[mode] = measure_mode(a, url, sentences, photo, img_ids, server.pid)
             info.update({f"end_{k}": v for k, v in rss_mb(server.pid).items()})
             startup[mode] = info
         finally:
@@ -370,11 +494,12 @@ def main(argv=None) -> dict:
             server.wait(30)
     load = os.getloadavg()
     first = startup[modes[0]]
-    print(f"\nGallery {n_img:,} images / {n_cap:,} captions (synthetic; image index {a.index}, caption index "
-          f"{a.caption_index}); server: "
+    print(f"\nGallery {n_img:,} images / {n_cap:,} captions (synthetic; --index {a.index}: "
+          f"{first['image_index']['type']}, --caption-index {a.caption_index}: {first['caption_index']['type']}); "
+          f"server: "
           f"{first['startup_line']}; upload: {photo_name}, {len(photo) / 1e3:.0f} kB; k = 10; "
           f"batching on: --max-batch {a.max_batch} --max-upload-batch {a.max_upload_batch} --batch-wait-ms "
-          f"{a.batch_wait_ms:g}; load average {load[0]:.1f}\n")
+          f"{a.batch_wait_ms:g}; load average {load0[0]:.1f} at the start, {load[0]:.1f} at the end\n")
     if rows:
         print("| query | what is timed (in process, one at a time) | p50 ms | p95 ms |\n|---|---|---|---|")
         for name, r in rows.items():
@@ -393,21 +518,32 @@ def main(argv=None) -> dict:
         ratios = ", ".join(f"{name} {results[m][name][a.clients]['p95_ms'] / results[m][name][1]['p95_ms']:.2f}x"
                            for name in results[m])
         print(f"batching {m}: p95 with {a.clients} clients / p95 with 1 client: {ratios}")
+    print(f"\nCPU per request (ms; client {a.client}: this process; server: its process; both on the same "
+          f"cores) and the server's own ms fields (means):\n")
+    print("| mode | query | clients | client CPU | server CPU | server ms fields |\n|---|---|---|---|---|---|")
+    for m in modes:
+        for name in results[m]:
+            for c in (1, a.clients):
+                r = results[m][name][c]
+                msf = ", ".join(f"{k} {v:g}" for k, v in r["server_ms"].items())
+                print(f"| {m} | {name} | {c} | {r['client_cpu_ms']:.2f} | {r['server_cpu_ms']:.2f} | {msf} |")
+    print()
     for m in modes:
         i = startup[m]
         print(f"server start-up (batching {m}): {i['process_ready_s']:.1f} s to the first answer (model load "
               f"{i['model_load_s']:.1f} s, embeddings {i['embeddings_s']:.1f} s, indexes {i['index_build_s']:.1f} s, "
               f"gallery tables {i['gallery_s']:.1f} s); RSS {i.get('rss_mb', '?')} MB after start-up, peak "
               f"{i.get('end_peak_mb', '?')} MB" + (f"; recall@10 vs flat {i['recall@10_vs_flat']}"
-                                                  if "recall@10_vs_flat" in i else ""))
+                                                  if "recall@10_vs_flat" in i else "")
+              + f"; indexes {i['index_source']}")
     out = {"gallery": {"images": n_img, "captions": n_cap, "image_index": a.index, "caption_index": a.caption_index},
-           "model": model, "upload": photo_name,
-           "upload_bytes": len(photo), "loadavg": load, "batching": {"max_batch": a.max_batch,
-                                                                     "max_upload_batch": a.max_upload_batch,
-                                                                     "wait_ms": a.batch_wait_ms},
+           "model": model, "upload": photo_name, "upload_bytes": len(photo), "loadavg_start": load0, "loadavg": load,
+           "client": a.client,
+           "batching": {"max_batch": a.max_batch, "max_upload_batch": a.max_upload_batch, "wait_ms": a.batch_wait_ms},
            "in_process": rows, "http": {m: {n: {str(c): r for c, r in v.items()} for n, v in results[m].items()}
                                         for m in modes}, "startup": startup}
     name = "serve_bench" if a.scale == "5k" else f"serve_bench_{a.scale}_{a.index}_{a.caption_index}"
+    name += "" if a.client == "httpx" else f"_{a.client}"
     print(f"\nsaved {save(name, out)}")
     return out
 

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from .cli import existing_dir, int_in_range, positive_int, setup_logging, split_name
-from .index import INDEX_KINDS
+from .index import AUTO_IVF_FROM, INDEX_CHOICES
 from .runs import Run, embedding_paths  # noqa: F401 (embedding_paths re-exported: its old home)
 
 
@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", type=split_name)
     p.add_argument("--features-dir", default=None, type=existing_dir, help="default: the one the run was trained from")
     p.add_argument("--checkpoint", default="best.pt", help="file in the run folder (best.pt or last.pt)")
-    p.add_argument("--index", default="flat", choices=INDEX_KINDS)
+    p.add_argument("--index", default="auto", choices=INDEX_CHOICES,
+                   help=f"auto (default): flat (exact) below {AUTO_IVF_FROM:,} vectors, ivf from there, per gallery")
     p.add_argument("--nlist", type=positive_int, default=None, help="ivf cells (default ~4 sqrt(N))")
     p.add_argument("--nprobe", type=positive_int, default=16)
     p.add_argument("--hnsw-m", type=int_in_range(2, 512), default=32)

@@ -2,7 +2,10 @@
 
 ``flat`` is exact; ``ivf`` (IndexIVFFlat: ``nlist`` cells, ``nprobe`` visited) and ``hnsw``
 (IndexHNSWFlat: ``M`` links, ``efSearch``) trade a little recall for speed on large galleries.
-Variable names follow faiss: ``xb`` gallery, ``xq`` queries, ``k``, ``D`` scores, ``I`` ids.
+``auto`` (the default of ``get_features_captions.py``) is the rule by gallery size,
+:func:`auto_kind`: flat below :data:`AUTO_IVF_FROM` vectors, IVF from there (BENCHMARKS.md,
+"Search at full-COCO scale"). Variable names follow faiss: ``xb`` gallery, ``xq`` queries,
+``k``, ``D`` scores, ``I`` ids.
 """
 
 from __future__ import annotations
@@ -15,6 +18,26 @@ import numpy as np
 from .errors import FeatureError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_CHOICES = ("auto", *INDEX_KINDS)  # what --index accepts: a kind, or the rule by size
+# galleries of this many vectors or more get an IVF index by default. One query on one thread
+# against a flat index costs about 0.03 ms per 1,000 vectors here (3.3 ms at 123K images, 20-25 ms at
+# 616K captions: most of a full-COCO query's CPU); with IVF an image-id query's two searches and its
+# answer took 0.45-0.67 ms, recall@10 1.000 on clustered synthetic vectors (BENCHMARKS.md, "Search at
+# full-COCO scale"); below this size flat stays exact and costs under 3 ms
+AUTO_IVF_FROM = 100_000
+
+
+def auto_kind(n: int) -> str:
+    """The index kind a gallery of ``n`` vectors gets from ``auto``: ``flat`` below
+    :data:`AUTO_IVF_FROM`, else ``ivf``."""
+    return "ivf" if n >= AUTO_IVF_FROM else "flat"
+
+
+def resolve_kind(kind: str, n: int) -> str:
+    """``kind``, with ``auto`` replaced by :func:`auto_kind` of the gallery size ``n``."""
+    if kind not in INDEX_CHOICES:
+        raise ValueError(f"unknown index kind {kind!r}: {', '.join(INDEX_CHOICES)}")
+    return auto_kind(n) if kind == "auto" else kind
 
 
 def default_nlist(n: int) -> int:
@@ -24,11 +47,13 @@ def default_nlist(n: int) -> int:
 
 def build_index(xb: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
                 hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 200):
-    """Index ``xb`` (N, d) float32. Returns a faiss index; its parameters are in :func:`describe`."""
+    """Index ``xb`` (N, d) float32 (``kind`` ``auto``: :func:`resolve_kind`). Returns a faiss
+    index; its parameters are in :func:`describe`."""
     import faiss
 
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     d = xb.shape[1]
+    kind = resolve_kind(kind, len(xb))
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":

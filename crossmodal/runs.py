@@ -38,7 +38,7 @@ from .cli import code_version
 from .encoders import check_features_fit, checked_text_encoder, image_encoder_from_sidecar
 from .ensemble import StackedEncoder, StackedHead, combine, ensemble_dir
 from .errors import DataError, FeatureError, ModelError
-from .index import build_index, describe, index_bytes, load_index
+from .index import build_index, describe, index_bytes, load_index, resolve_kind
 from .outputs import check, diff, locked, publish, read_sidecar, save_npy, tmp_path, write_bytes
 from .run_state import check_disjoint, feature_digest
 from .store import feature_path, file_digest, load_features, read_meta, rows_digest, safe_split_name, sidecar_path
@@ -154,7 +154,10 @@ class Run:
         job = {"index": index, "inputs": {"checkpoint": file_digest(ck_path),
                                           "img": feature_digest(pairs.img_meta, img_npy),
                                           "text": feature_digest(pairs.txt_meta, txt_npy)}}
-        fresh = [check(sidecar_path(out[k]), dict(job, kind=k), force, what=f"embeddings {out[k]}",
+        # each gallery's index kind, "auto" resolved by its size (crossmodal.index.auto_kind)
+        jobs = {k: dict(job, kind=k, index=dict(index, kind=resolve_kind(index["kind"], len(rows))))
+                for k, rows in (("img", pairs.img), ("text", pairs.txt))}
+        fresh = [check(sidecar_path(out[k]), jobs[k], force, what=f"embeddings {out[k]}",
                        rebuild_on=("inputs",)) for k in ("img", "text")]
         if all(fresh):
             log.info("embeddings of %s in %s are up to date: skipped", split, out["img"].parent)
@@ -172,12 +175,12 @@ class Run:
                          image_ids=np.asarray(pairs.txt_meta["image_ids"])[keep_caps].tolist()),
         }
         for k, emb in embs.items():  # each embedding is published with the index of its gallery
-            built = build_index(emb, index["kind"], nlist=index["nlist"], nprobe=index["nprobe"],
+            built = build_index(emb, jobs[k]["index"]["kind"], nlist=index["nlist"], nprobe=index["nprobe"],
                                 hnsw_m=index["hnsw_m"], ef_search=index["ef_search"])
             tmp_npy, tmp_index = tmp_path(out[k]), tmp_path(out[f"{k}_index"])
             save_npy(tmp_npy, np.ascontiguousarray(emb, dtype=np.float32))
             write_bytes(tmp_index, index_bytes(built))
-            meta = dict(metas[k], job=dict(job, kind=k), index=describe(built), count=len(emb), dim=emb.shape[1],
+            meta = dict(metas[k], job=jobs[k], index=describe(built), count=len(emb), dim=emb.shape[1],
                         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             meta["rows_sha256"] = rows_digest(meta)  # readers refuse id lists reordered or edited since
             publish(sidecar_path(out[k]), meta, {out[k]: tmp_npy, out[f"{k}_index"]: tmp_index})

@@ -107,6 +107,8 @@ class Searcher:
                 for k in described[0]}
         info.update(run=scored.label, run_dir=str(scored.folder), split=split, images=int(len(img_ids)),
                     captions=int(len(cap_ids)), dim=int(img.shape[1]), index=describe(img_index)["type"],
+                    caption_index=describe(txt_index)["type"],
+                    runtimes={"text": runtime_of(text_encoder), "image": runtime_of(image_encoder)},
                     metrics=scored.metrics(members),
                     **({"members": [{"run": m.run.dir.name, **d} for m, d in zip(members, described, strict=True)]}
                        if scored.is_ensemble else {}))
@@ -118,7 +120,8 @@ class Searcher:
         i = self.info
         return (f"serving {i['run']} ({i['checkpoint']}, epoch {i['epoch']}; {i['text_encoder']} captions, "
                 f"{i['image_encoder']} images) on split {i['split']}: {i['images']} images, {i['captions']} "
-                f"captions, index {i['index']} ({i['dim']}-d)")
+                f"captions, index {i['index']} / {i['caption_index']} ({i['dim']}-d); query encoders: "
+                f"{i['runtimes']['text']} (captions), {i['runtimes']['image']} (images)")
 
     def public_info(self) -> dict:
         return {**{k: v for k, v in self.info.items() if k != "run_dir"}, "limits": self.limits.public(),
@@ -292,6 +295,21 @@ def _image_url(image_id: int) -> str:
 
 def _thumb_url(image_id: int) -> str:
     return f"/thumbs/{int(image_id)}.jpg"
+
+
+def runtime_of(encoder) -> str:
+    """What runs a query encoder and on how many threads, e.g. ``openvino bf16, 1 thread``
+    (:mod:`crossmodal.runtimes`; ``torch`` for an encoder without another runtime, fastText
+    included); an ensemble's encoders joined by `` + ``."""
+    if hasattr(encoder, "unique"):  # crossmodal.ensemble.StackedEncoder
+        return " + ".join(runtime_of(u) for u in encoder.unique)
+    session = getattr(encoder, "session", None)
+    if session is None:
+        import torch
+
+        return f"torch, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}"
+    prec = getattr(session, "precision", None) or getattr(encoder, "precision", "fp32")
+    return f"{encoder.runtime} {prec}, {session.threads} thread{'s' * (session.threads != 1)}"
 
 
 def _describe(m) -> dict:

@@ -101,21 +101,24 @@ def create_app(searcher: Searcher):
     def info():
         return searcher.public_info()
 
-    @app.get("/api/text")
+    # the query answers are plain JSON types already (str, int, float, bool, lists, dicts): returned
+    # as a JSONResponse they skip FastAPI's jsonable_encoder, whose walk over an answer's ~400
+    # values was 1-1.5 ms of CPU per request, most of the app's own cost (BENCHMARKS.md, "Search app")
+    @app.get("/api/text", response_class=JSONResponse)
     def text_query(q: str = Query(..., description=f"a sentence, at most {lim.max_text_chars} characters"),
                    k: int = k_query):
-        return searcher.text_query(q, k)
+        return JSONResponse(searcher.text_query(q, k))
 
-    @app.get("/api/image/{image_id}")
+    @app.get("/api/image/{image_id}", response_class=JSONResponse)
     def image_query(image_id: int, k: int = k_query):
-        return searcher.image_query(image_id, k)
+        return JSONResponse(searcher.image_query(image_id, k))
 
-    @app.post("/api/upload")
+    @app.post("/api/upload", response_class=JSONResponse)
     async def upload_query(request: Request, k: int = k_query):
         searcher.check_k(k)
         with searcher.uploads.admit():  # 503 at once past slots + queue, before the body is read
             data = await read_upload(request, lim)
-            return await run_in_threadpool(searcher.upload_query, data, k)
+            return JSONResponse(await run_in_threadpool(searcher.upload_query, data, k))
 
     @app.get("/thumbs/{image_id}.jpg")
     def thumb(image_id: int):
