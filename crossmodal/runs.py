@@ -150,11 +150,10 @@ class Run:
     def _embed(self, split, ck_path: Path, ck: dict, pairs, npys, out: dict, index: dict, force: bool) -> dict:
         from .train import embed_bank
 
-        img_npy, txt_npy = npys
+        img_npy, txt_npy = npys  # below, each gallery's index kind: "auto" resolved by its size (index.auto_kind)
         job = {"index": index, "inputs": {"checkpoint": file_digest(ck_path),
                                           "img": feature_digest(pairs.img_meta, img_npy),
                                           "text": feature_digest(pairs.txt_meta, txt_npy)}}
-        # each gallery's index kind, "auto" resolved by its size (crossmodal.index.auto_kind)
         jobs = {k: dict(job, kind=k, index=dict(index, kind=resolve_kind(index["kind"], len(rows))))
                 for k, rows in (("img", pairs.img), ("text", pairs.txt))}
         fresh = [check(sidecar_path(out[k]), jobs[k], force, what=f"embeddings {out[k]}",
@@ -327,9 +326,8 @@ class Scored:
         """The Faiss index over a gallery (``"img"`` or ``"text"``): the run's own, or for an ensemble
         an exact flat index over the combined vectors (members' indexes cannot rank averaged similarities)."""
         emb = self.emb[0] if gallery == "img" else self.emb[1]
-        if self.is_ensemble:
-            return build_index(emb, "flat")
-        return self.runs[0].index(self.split, gallery, len(emb), emb.shape[1])
+        return build_index(emb, "flat") if self.is_ensemble else self.runs[0].index(self.split, gallery, len(emb),
+                                                                                       emb.shape[1])
 
     def members(self) -> list[Member]:
         """Each run's :class:`Member` (checked) behind these embeddings."""
@@ -396,8 +394,7 @@ def open_runs(runs, split: str, out: str | Path | None = None, resolve: bool = F
     with contextlib.ExitStack() as stack:
         for r in opened:
             stack.enter_context(locked(r.dir / "run", shared=True, what=f"run {r.dir}"))
-        names = [r.dir.name for r in opened]
-        parts = [r.embeddings(split) for r in opened]
-        dirs = [r.dir for r in opened]
+        dirs, parts = [r.dir for r in opened], [r.embeddings(split) for r in opened]
+        names = [d.name for d in dirs]
         folder = dirs[0] if len(dirs) == 1 else Path(out) if out else ensemble_dir(dirs)
         yield Scored(folder, "+".join(names), opened, split, combine(parts, names), parts)
