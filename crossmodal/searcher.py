@@ -115,7 +115,6 @@ class Searcher:
         return cls(scored.folder, split, gallery, img_head, txt_head, text_encoder, image_encoder, info, limits,
                    Path(cache_dir) if cache_dir else members[0].run.dir / CACHE_DIRNAME)
 
-
     def startup_line(self) -> str:
         i = self.info
         return (f"serving {i['run']} ({i['checkpoint']}, epoch {i['epoch']}; {i['text_encoder']} captions, "
