@@ -77,7 +77,8 @@ CHOSEN_NAME, CHOSEN_ARGV = "seed's loss", []  # the loss group's winner (none be
 def configs() -> list[Config]:
     """Groups: today's defaults, losses, margins, epochs, image and caption encoders, ensembles."""
     c = [
-        Config("baseline", "today's img2text_bert.py: random negatives, margin 1.0, img2text, 30 epochs"),
+        Config("baseline", "today's img2text_bert.py: random negatives, margin 1.0, img2text, 30 epochs, --step fast "
+               "--precision auto"),
         Config("baseline-t2i", "today's text2img_bert.py", direction="text2img"),
         Config("random-both", "random negatives, both directions", argv=["--direction", "both"]),
         Config("random-m0.2", "random negatives, margin 0.2", argv=["--margin", "0.2"]),
@@ -156,6 +157,12 @@ def configs() -> list[Config]:
         # the opt-in int8 caption encoder, paired against fp32 (the baseline's MiniLM through ONNX Runtime fp32)
         Config("int8", "today's img2text_bert.py, MiniLM through ONNX Runtime int8 (--precision int8)",
                txt=_txt(precision="int8")),
+        # the training step's settings (crossmodal/train_step.py); the baseline runs the defaults, --step fast
+        # --precision auto (bf16 on a CPU with AVX512-BF16/AMX, else fp32)
+        Config("step-exact", "today's img2text_bert.py with --step exact --precision fp32: the training loop before "
+               "the step settings, bit for bit", argv=["--step", "exact", "--precision", "fp32"]),
+        Config("step-fast-fp32", "today's img2text_bert.py with --precision fp32 (fused Adam, one head pass over "
+               "positives + negatives, numpy dropout masks; float32 matmuls)", argv=["--precision", "fp32"]),
     ]
     return c
 
