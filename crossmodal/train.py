@@ -207,7 +207,7 @@ class Trainer:
             sample = np.sort(np.random.default_rng(args.seed).permutation(len(bank))[:200_000])
             head.fit_standardisation(_take(bank, sample, device))
         self.opt, self.sched = make_optimizer((self.img_head, self.txt_head), args)
-        self.heads = HeadPass(args.step, resolve_precision(args.precision, device), device)
+        self.heads = HeadPass(args.step, args.precision, device)
         rows, n_img = train.cap_img_rows, len(train.img)
         self.i2t = TripletCOCO_Img2Text(rows, n_img, seed=args.seed)
         self.t2i = TripletCOCO_Text2Img(rows, n_img, seed=args.seed)

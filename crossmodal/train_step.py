@@ -64,16 +64,16 @@ def make_optimizer(heads, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_s
     kernel = {"fused": True} if args.step == "fast" else {"foreach": True}
     opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=args.lr, weight_decay=args.weight_decay,
                            **kernel)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs)) if args.schedule == "cosine" \
-        else None
-    return opt, sched
+    if args.schedule != "cosine":
+        return opt, None
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.epochs))
 
 
 class HeadPass:
     """Applies a projection head to row blocks as ``--step`` and ``--precision`` say."""
 
     def __init__(self, step: str = DEFAULT_STEP, precision: str = DEFAULT_PRECISION, device=None):
-        self.fast, self.bf16 = step == "fast", precision == "bf16"
+        self.fast, self.bf16 = step == "fast", resolve_precision(precision, device or "cpu") == "bf16"
         self.device_type = torch.device(device or "cpu").type
         self.rng = np.random.default_rng(0)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from crossmodal.heads import ProjectionHead, hardest_negative_loss, random_negative_loss
 from crossmodal.outputs import OutputConflictError
 from crossmodal.train import Pairs, Trainer, build_parser, load_checkpoint
-from crossmodal.train_step import native_bf16, resolve_precision
+from crossmodal.train_step import HeadPass, native_bf16, resolve_precision
 from crossmodal.triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 from img2text import main as img2text_main
 
@@ -113,8 +113,6 @@ def test_other_settings_are_other_rounding_of_the_same_model(setting):
 
 
 def test_fast_dropout_masks_drop_p_of_the_units_and_repeat_per_epoch():
-    from crossmodal.train_step import HeadPass
-
     head = ProjectionHead(16, hidden=4096, dropout=0.25)
     hp = HeadPass("fast")
     hp.start_epoch(3, 5)
@@ -197,5 +195,6 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert not native_bf16("cpu") and resolve_precision("auto", "cpu") == "fp32"
+    assert not HeadPass("fast", "auto", "cpu").bf16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == "bf16" and HeadPass("fast", "auto", "cpu").bf16
