@@ -17,9 +17,9 @@ another model, so they are in the run's identity like every other training flag)
   ``auto`` (default) takes bf16 only where the device has native bfloat16 matmuls and is
   recorded as what it resolved to.
 
-``fast`` and ``bf16`` cost no measured quality: 5-fold CV on coco-mini, 3 seeds, paired against
-``exact`` fp32: rsum -1.2 +/- 10.7 (fast), -1.3 +/- 11.4 (fast + bf16), std over 15 runs
-(``python -m bench.cv_defaults --configs baseline,step-fast,step-fast-bf16``; BENCHMARKS.md).
+``fast`` and ``bf16`` cost no measured quality: 5-fold CV on coco-mini, 3 seeds, paired rsum against
+the defaults (fast, bf16 on this machine): ``exact`` fp32 +1.3 +/- 11.4, fast fp32 +0.2 +/- 3.6, std
+over 15 runs (``python -m bench.cv_defaults --configs baseline,step-exact,step-fast-fp32``; BENCHMARKS.md).
 """
 
 from __future__ import annotations
