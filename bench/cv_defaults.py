@@ -77,7 +77,8 @@ CHOSEN_NAME, CHOSEN_ARGV = "seed's loss", []  # the loss group's winner (none be
 def configs() -> list[Config]:
     """Groups: today's defaults, losses, margins, epochs, image and caption encoders, ensembles."""
     c = [
-        Config("baseline", "today's img2text_bert.py: random negatives, margin 1.0, img2text, 30 epochs"),
+        Config("baseline", "today's img2text_bert.py: random negatives, margin 1.0, img2text, 30 epochs, --step fast "
+               "--precision auto"),
         Config("baseline-t2i", "today's text2img_bert.py", direction="text2img"),
         Config("random-both", "random negatives, both directions", argv=["--direction", "both"]),
         Config("random-m0.2", "random negatives, margin 0.2", argv=["--margin", "0.2"]),
@@ -156,6 +157,12 @@ def configs() -> list[Config]:
         # the opt-in int8 caption encoder, paired against fp32 (the baseline's MiniLM through ONNX Runtime fp32)
         Config("int8", "today's img2text_bert.py, MiniLM through ONNX Runtime int8 (--precision int8)",
                txt=_txt(precision="int8")),
+        # the training step's settings (crossmodal/train_step.py); the baseline runs the defaults, --step fast
+        # --precision auto (bf16 on a CPU with AVX512-BF16/AMX, else fp32)
+        Config("step-exact", "today's img2text_bert.py with --step exact --precision fp32: the training loop before "
+               "the step settings, bit for bit", argv=["--step", "exact", "--precision", "fp32"]),
+        Config("step-fast-fp32", "today's img2text_bert.py with --precision fp32 (fused Adam, one head pass over "
+               "positives + negatives, numpy dropout masks; float32 matmuls)", argv=["--precision", "fp32"]),
     ]
     return c
 
@@ -182,12 +189,31 @@ def _pairs(img, im, txt, tm, cap_img_rows_all, img_rows: np.ndarray):
                  np.ones(len(cap), dtype=bool))
 
 
+def training_args(cfg: Config, seed: int, epochs: int):
+    """The training scripts' parsed arguments for ``cfg`` (its flags over the scripts' defaults)."""
+    from crossmodal.train import build_parser
+
+    text_encoder = "fasttext" if cfg.txt["model"] == "fasttext" else "bert"
+    return build_parser(cfg.direction, text_encoder).parse_args(
+        ["--features-dir", ".", "--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress",
+         *cfg.argv])
+
+
+def trained_settings(cfg: Config, epochs: int) -> dict:
+    """What a config's runs train with, as resolved on this machine (every training default included,
+    ``--precision auto`` resolved): part of the runs' cache key, so a changed default retrains."""
+    from crossmodal.train_step import resolve_precision
+
+    s = vars(training_args(cfg, 0, epochs))
+    return {**s, "precision": resolve_precision(s["precision"], "cpu"), "seed": None}
+
+
 def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epochs: int) -> dict:
     """Train one config on every image but ``val_rows``; per-epoch val rsum, best and last."""
     from crossmodal.coco import rows_of
     from crossmodal.metrics import evaluate
     from crossmodal.run_state import check_text_model
-    from crossmodal.train import Trainer, build_parser
+    from crossmodal.train import Trainer
 
     img, im = feats.img(cfg.img)
     train_rows = np.setdiff1d(np.arange(len(img)), val_rows)
@@ -197,10 +223,7 @@ def train_one(cfg: Config, feats: Features, val_rows: np.ndarray, seed: int, epo
     val = _pairs(img, im, txt, tm, cap_rows, val_rows)
     assert not set(train.img_meta["ids"]) & set(val.img_meta["ids"]), "a validation image is in the training fold"
     check_text_model(tm, train.img_meta["ids"], "the fold's training images", Path("cv"))  # the scripts' check
-    text_encoder = "fasttext" if cfg.txt["model"] == "fasttext" else "bert"
-    args = build_parser(cfg.direction, text_encoder).parse_args(
-        ["--features-dir", ".", "--epochs", str(epochs), "--seed", str(seed + cfg.seed_offset), "--no-progress",
-         *cfg.argv])
+    args = training_args(cfg, seed, epochs)
     trainer = Trainer(args, train, val, torch.device("cpu"))
     curve, best, best_emb = [], None, None
     for epoch in range(args.epochs):
@@ -387,7 +410,8 @@ def main(argv=None):
                 member_runs = [get(m) for m in cfg.members]
                 runs[name] = [ensemble(list(rs), list(cfg.members)) for rs in zip(*member_runs, strict=True)]
             else:
-                sig = [cfg.img, cfg.txt, cfg.argv, cfg.direction, cfg.seed_offset, a.folds, a.seeds, a.epochs]
+                sig = [cfg.img, cfg.txt, cfg.argv, cfg.direction, cfg.seed_offset, a.folds, a.seeds, a.epochs,
+                       trained_settings(cfg, a.epochs)]
                 runs[name] = load_runs(Path(a.cache_dir), sig)
                 if runs[name] is None:
                     runs[name] = [train_one(cfg, feats, f, seed, a.epochs) for f in folds for seed in range(a.seeds)]

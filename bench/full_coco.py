@@ -11,9 +11,13 @@ Each rate is measured here, in this process, on:
   dimensions (bench.train_throughput's loop), the per-epoch validation metrics on 5K x 25K,
   the heads' embedding of every row.
 
-Where this branch changed a default (captions through ONNX Runtime instead of PyTorch, metrics
-from one sweep of the similarity matrix instead of one per direction), both are timed in the
-same process, interleaved, and the table shows both; the sum is "before" and "now".
+"before" is the pipeline's defaults when issue 16 was filed, "now" today's defaults, every
+stage of both timed in this process, interleaved where they differ (median of ``--rounds``):
+images through PyTorch with full-size JPEG decoding (before) and the default image encoder;
+MiniLM through PyTorch (before) and the default caption runtime; the training loop as it ran
+(``--step exact``, float32) and the default training-step settings (crossmodal/train_step.py);
+validation from one sweep of the similarity matrix per direction (before) or one for both.
+The sums are "before" and "now", and their ratio is printed.
 
     python -m bench.full_coco [--images 128] [--captions 1000] [--train-steps 60] [--rounds 2]
 """
@@ -36,18 +40,26 @@ N_VAL_IMG, N_VAL_CAP = 5_000, 25_000
 EPOCHS, MODELS = 30, 4
 
 
-def _image_rate(n: int) -> float:
-    """Images/s of the extraction loop (decode, preprocess, EfficientNet-Lite0 at 256 px) on real images."""
+def _image_rates(n: int, rounds: int) -> dict:
+    """Images/s of the extraction loop (decode, preprocess, EfficientNet-Lite0 at 256 px, batch 4)
+    on ``n`` real images: PyTorch with full-size decoding (the default when issue 16 was filed)
+    and today's default encoder, interleaved, median of ``rounds``."""
     from bench.image_throughput import ours
     from crossmodal.coco import load_split
     from crossmodal.image_encoders import EffNetLite0Regions
 
     split = load_split(SHARED / "coco-mini", "train2017")
-    enc = EffNetLite0Regions(256)
-    ours(enc, split, 4, 4, 0)  # warm-up
-    t0 = time.perf_counter()
-    ours(enc, split, n, 4, 0)
-    return n / (time.perf_counter() - t0)
+    encs = {"img_torch": EffNetLite0Regions(256, runtime="torch", decode="full"),
+            "img_default": EffNetLite0Regions(256)}
+    t: dict[str, list[float]] = {k: [] for k in encs}
+    for enc in encs.values():
+        ours(enc, split, 4, 4, 0)  # warm-up
+    for _ in range(rounds):
+        for k, enc in encs.items():
+            t0 = time.perf_counter()
+            ours(enc, split, n, 4, 0)
+            t[k].append(n / (time.perf_counter() - t0))
+    return {**{k: float(np.median(v)) for k, v in t.items()}, "img_default_runtime": encs["img_default"].runtime}
 
 
 def _caption_rates(n: int, rounds: int) -> dict[str, float]:
@@ -91,19 +103,25 @@ def _fasttext(n: int) -> tuple[float, float]:
         return per_cap, n / (time.perf_counter() - t0)
 
 
-def _train_epoch_s(steps: int) -> dict[str, float]:
+def _train_epoch_s(steps: int, rounds: int) -> dict[str, float]:
     """Seconds per training epoch (566,747 triplets: Karpathy train+restval, 1.37x the 414,113 of
     train2014 that BENCHMARKS.md's training table counts) for fastText (300-d) and MiniLM (384-d)
     captions, from ``steps`` timed steps of the project's loop on random features with the
-    default image encoder's 1,280 dimensions; also this process's float32 matmul GFLOP/s measured
-    just before, and the % of it the loop reached (a loaded machine lowers both alike)."""
-    from bench.train_throughput import matmul_gflops, ours
+    default image encoder's 1,280 dimensions: the loop as it ran (``--step exact``, float32:
+    "before") and with today's default training-step settings ("now"), interleaved, median of
+    ``rounds``; also this process's float32 matmul GFLOP/s measured just before, and the % of it
+    each loop reached (a loaded machine lowers both alike)."""
+    from bench.train_throughput import interleaved, matmul_gflops
     from crossmodal.train import DEFAULT_NEGATIVES
+    from crossmodal.train_step import DEFAULT_PRECISION, DEFAULT_STEP
 
-    out: dict[str, float] = {"matmul_gflops": matmul_gflops(), "load": os.getloadavg()[0]}
+    out: dict = {"matmul_gflops": matmul_gflops(), "load": os.getloadavg()[0],
+                 "default_setting": f"--step {DEFAULT_STEP} --precision {DEFAULT_PRECISION}"}
+    settings = {"before": ["--step", "exact", "--precision", "fp32"], "now": []}
     for name, d in (("fasttext", 300), ("minilm", 384)):
-        rate, _, gflops = ours(d, DEFAULT_NEGATIVES, steps, d_img=1280)
-        out[name], out[f"{name}_peak_pct"] = N_TRAIN_CAP / rate, 100 * gflops / out["matmul_gflops"]
+        res = interleaved(d, DEFAULT_NEGATIVES, steps, rounds, settings, d_img=1280)
+        for k, (rate, _, gflops) in res.items():
+            out[f"{name}_{k}"], out[f"{name}_{k}_peak_pct"] = N_TRAIN_CAP / rate, 100 * gflops / out["matmul_gflops"]
     return out
 
 
@@ -149,13 +167,12 @@ def _embed_s() -> float:
 def estimate(r: dict) -> list[tuple[str, str, float, float]]:
     """Rows (stage, work, minutes before, minutes now) from the measured rates ``r``."""
     m = 60.0
-    train_ft, train_lm = r["train_epoch_s"]["fasttext"], r["train_epoch_s"]["minilm"]
-    val = r["validation_s"]
-    train_before = 2 * EPOCHS * (train_ft + train_lm) + MODELS * EPOCHS * val["two_sweeps"]
-    train_now = 2 * EPOCHS * (train_ft + train_lm) + MODELS * EPOCHS * val["one_sweep"]
+    t, val = r["train_epoch_s"], r["validation_s"]
+    train_before = 2 * EPOCHS * (t["fasttext_before"] + t["minilm_before"]) + MODELS * EPOCHS * val["two_sweeps"]
+    train_now = 2 * EPOCHS * (t["fasttext_now"] + t["minilm_now"]) + MODELS * EPOCHS * val["one_sweep"]
     return [
-        ("image features", f"{N_IMG:,} images, EfficientNet-Lite0 256 px", N_IMG / r["img_s"] / m,
-         N_IMG / r["img_s"] / m),
+        ("image features", f"{N_IMG:,} images, EfficientNet-Lite0 256 px", N_IMG / r["img_torch"] / m,
+         N_IMG / r["img_default"] / m),
         ("MiniLM captions", f"{N_CAP:,} captions", N_CAP / r["minilm_torch"] / m, N_CAP / r["minilm_onnxruntime"] / m),
         ("fastText", f"train on {N_TRAIN_CAP:,}, encode {N_CAP:,}",
          (N_TRAIN_CAP * r["fasttext_train_s_per_cap"] + N_CAP / r["fasttext_caps_s"]) / m,
@@ -180,30 +197,34 @@ def main(argv=None):
 
     set_threads()
     load0 = os.getloadavg()[0]
-    r: dict = {"img_s": _image_rate(a.images)}
+    r: dict = _image_rates(a.images, a.rounds)
     r.update(_caption_rates(a.captions, a.rounds))
     r["fasttext_train_s_per_cap"], r["fasttext_caps_s"] = _fasttext(a.fasttext_captions)
-    r["train_epoch_s"] = _train_epoch_s(a.train_steps)
+    r["train_epoch_s"] = _train_epoch_s(a.train_steps, a.rounds)
     r["validation_s"] = _validation_s(a.rounds)
     r["embed_s"] = _embed_s()
     r["load"] = [load0, os.getloadavg()[0]]
     rows = estimate(r)
     before, now = sum(x[2] for x in rows), sum(x[3] for x in rows)
+    t = r["train_epoch_s"]
     lines = [f"1-min load at start / end: {load0:.1f} / {r['load'][1]:.1f} (2 cores)",
-             f"rates: images {r['img_s']:.1f}/s; MiniLM {r['minilm_torch']:.0f}/s PyTorch, "
+             f"rates: images {r['img_torch']:.1f}/s PyTorch, {r['img_default']:.1f}/s {r['img_default_runtime']} "
+             f"({r['img_default'] / r['img_torch']:.2f}x); MiniLM {r['minilm_torch']:.0f}/s PyTorch, "
              f"{r['minilm_onnxruntime']:.0f}/s {r['minilm_default_runtime']} "
              f"({r['minilm_onnxruntime'] / r['minilm_torch']:.2f}x); fastText encode {r['fasttext_caps_s']:.0f}/s, "
              f"train {1e6 * r['fasttext_train_s_per_cap']:.0f} us/caption; "
-             f"epoch {r['train_epoch_s']['fasttext']:.0f} s "
-             f"(fastText) / {r['train_epoch_s']['minilm']:.0f} s (MiniLM) of {N_TRAIN_CAP:,} triplets at "
-             f"{r['train_epoch_s']['fasttext_peak_pct']:.0f}% / {r['train_epoch_s']['minilm_peak_pct']:.0f}% of "
-             f"this process's matmul rate ({r['train_epoch_s']['matmul_gflops']:.0f} GFLOP/s, load "
-             f"{r['train_epoch_s']['load']:.1f}); validation "
+             f"epoch of {N_TRAIN_CAP:,} triplets (fastText / MiniLM) {t['fasttext_before']:.0f} / "
+             f"{t['minilm_before']:.0f} s --step exact fp32 at {t['fasttext_before_peak_pct']:.0f}% / "
+             f"{t['minilm_before_peak_pct']:.0f}%, {t['fasttext_now']:.0f} / {t['minilm_now']:.0f} s "
+             f"{t['default_setting']} at {t['fasttext_now_peak_pct']:.0f}% / {t['minilm_now_peak_pct']:.0f}% "
+             f"({t['minilm_before'] / t['minilm_now']:.2f}x MiniLM) of this process's float32 matmul rate "
+             f"({t['matmul_gflops']:.0f} GFLOP/s, load {t['load']:.1f}); validation "
              f"{r['validation_s']['two_sweeps']:.2f} s -> {r['validation_s']['one_sweep']:.2f} s",
              "", "| stage | work | before (min) | now (min) |", "|---|---|---|---|"]
     lines += [f"| {s} | {w} | {b:.0f} | {n:.0f} |" for s, w, b, n in rows]
     lines += [f"| **whole pipeline** | | **{before:.0f}** | **{now:.0f}** |", "",
-              f"the whole pipeline on full COCO on this machine: {now:.0f} min (before this change: {before:.0f} min)"]
+              f"the whole pipeline on full COCO on this machine: {now:.0f} min (issue 16's defaults: {before:.0f} "
+              f"min; now / before = {now / before:.2f})"]
     print("\n".join(lines))
     if a.notes:
         with open(a.notes, "a") as f:

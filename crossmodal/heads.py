@@ -29,8 +29,14 @@ class ProjectionHead(nn.Module):
         self.mean.copy_(f.mean(0).float())
         self.std.copy_(f.std(0).clamp_min(eps).float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.net((x - self.mean) / self.std)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` (N, hidden), optional: the dropout mask already scaled by 1 / (1 - p) (0 where a
+        unit is dropped), used instead of the Dropout layer's own (torch's RNG) mask. The output is
+        float32 also under autocast (the last Linear's output is cast before the normalisation)."""
+        lin1, relu, drop, lin2 = self.net
+        h = relu(lin1((x - self.mean) / self.std))
+        h = drop(h) if keep is None else h * keep
+        y = lin2(h).float()
         return F.normalize(y, dim=-1) if self.l2norm else y
 
 

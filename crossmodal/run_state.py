@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", "max_ram_gb", "features_dir",
              "features_dir_from_run")
+# settings added later, at the value that trains as runs did before they existed: left out of the
+# record, so a run recorded then is still the same run (crossmodal/train_step.py)
+_OLD_LOOP = {"step": "exact", "precision": "fp32"}
 
 
 def read_results(path: Path, upto_epoch: int | None = None) -> list[dict]:
@@ -163,7 +166,7 @@ def feature_digest(meta: dict, npy: Path) -> str:
 
 def run_record(a, name: str, train, val, paths: dict) -> dict:
     """What a run is: every argument that changes training, and the content of its features."""
-    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY}
+    record = {k: v for k, v in vars(a).items() if k not in _RUN_ONLY and not (k in _OLD_LOOP and v == _OLD_LOOP[k])}
     record["name"] = name
     record["features"] = {k: feature_digest(m, paths[k]) for k, m in (
         ("train_img", train.img_meta), ("train_txt", train.txt_meta), ("val_img", val.img_meta),

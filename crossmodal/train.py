@@ -70,6 +70,7 @@ from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_res
     start_state,
 )
 from .store import check_split, feature_path, load_features
+from .train_step import HeadPass, add_step_args, make_optimizer, resolve_precision
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ log = logging.getLogger(__name__)
 DEFAULT_NEGATIVES = "random"  # chosen by 5-fold CV on real images (bench/cv_defaults.py; README "Choosing the loss")
 DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2, "sum": 0.2, "infonce": 0.0}  # infonce: unused
 NEGATIVES = ("random", "hardest", "sum", "infonce")
-# arguments that do not change what is trained
-
 
 
 @dataclass
@@ -190,6 +189,7 @@ def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p.add_argument("--max-ram-gb", type=non_negative_float, default=8.0,
                    help="features larger than this stay memory-mapped")
     p.add_argument("--no-progress", action="store_true")
+    add_step_args(p)
     add_run_args(p, batch_size=128)
     return p
 
@@ -206,10 +206,8 @@ class Trainer:
         for head, bank in ((self.img_head, train.img), (self.txt_head, train.txt)):
             sample = np.sort(np.random.default_rng(args.seed).permutation(len(bank))[:200_000])
             head.fit_standardisation(_take(bank, sample, device))
-        params = list(self.img_head.parameters()) + list(self.txt_head.parameters())
-        self.opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, args.epochs))
-                      if args.schedule == "cosine" else None)
+        self.opt, self.sched = make_optimizer((self.img_head, self.txt_head), args)
+        self.heads = HeadPass(args.step, args.precision, device)
         rows, n_img = train.cap_img_rows, len(train.img)
         self.i2t = TripletCOCO_Img2Text(rows, n_img, seed=args.seed)
         self.t2i = TripletCOCO_Text2Img(rows, n_img, seed=args.seed)
@@ -222,8 +220,8 @@ class Trainer:
         t, dev, a = self.train, self.device, self.args
         if a.negatives != "random":  # in-batch negatives: one forward pass of B (image, caption) pairs
             rows = t.cap_img_rows[b]
-            img = self.img_head(_take(t.img, rows, dev))
-            txt = self.txt_head(_take(t.txt, b, dev))
+            img = self.heads(self.img_head, _take(t.img, rows, dev))[0]
+            txt = self.heads(self.txt_head, _take(t.txt, b, dev))[0]
             img_rows = torch.from_numpy(rows).to(dev)
             if a.negatives == "infonce":
                 return infonce_loss(img, txt, img_rows, a.temperature, a.direction)
@@ -236,8 +234,9 @@ class Trainer:
             if a.direction in (d, "both"):
                 an, po, ne = (x[b] for x in epoch_idx[d])
                 h_a, bank_a, h_o, bank_o = heads[d]
-                loss = loss + random_negative_loss(h_a(_take(bank_a, an, dev)), h_o(_take(bank_o, po, dev)),
-                                                   h_o(_take(bank_o, ne, dev)), self.margin)
+                (anchor,), (pos, neg) = (self.heads(h_a, _take(bank_a, an, dev)),
+                                         self.heads(h_o, _take(bank_o, po, dev), _take(bank_o, ne, dev)))
+                loss = loss + random_negative_loss(anchor, pos, neg, self.margin)
         return loss
 
     def train_epoch(self, epoch: int) -> float:
@@ -245,7 +244,8 @@ class Trainer:
         so a resumed run repeats exactly what an uninterrupted one would do."""
         a = self.args
         self.epoch = epoch  # the loss's warm-up phase
-        torch.manual_seed(a.seed * 100_003 + epoch)  # dropout
+        torch.manual_seed(a.seed * 100_003 + epoch)  # dropout (--step exact)
+        self.heads.start_epoch(a.seed, epoch)  # dropout (--step fast)
         rng = np.random.default_rng([a.seed, epoch, 7])
         epoch_idx = {}
         if a.negatives == "random":
@@ -340,6 +340,8 @@ def _load_checked_pairs(a, paths: dict) -> tuple[Pairs, Pairs]:
 
 def _train(a, name: str, out: Path, paths: dict) -> dict:
     train, val = _load_checked_pairs(a, paths)
+    device = resolve_device(a.device)
+    a.precision = resolve_precision(a.precision, device)  # recorded as what ran: fp32 or bf16
     record = run_record(a, name, train, val, paths)
     f = run_files(out)
     state = start_state(a, out, record)
@@ -352,7 +354,6 @@ def _train(a, name: str, out: Path, paths: dict) -> dict:
     ck = resume_point(f, record) if state == "resume" else None
     if ck is None:
         remove(f["done"], f["last"], f["best"], f["results"], f["plot"])
-    device = resolve_device(a.device)
     trainer = Trainer(a, train, val, device)
     trainer.record = record
     start, best, best_on_disk = 0, {"rsum": -1.0, "epoch": -1}, -1

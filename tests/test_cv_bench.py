@@ -126,3 +126,17 @@ def test_an_ensemble_is_paired_against_its_members_mean_and_best_member():
     cfg = {"ens": cv_defaults.Config("ens", "two runs", members=("a", "b"))}
     row = cv_defaults.table(cfg, {"ens": s}).splitlines()[-1]
     assert "+1.0 ± 0.0 **win** vs members' mean" in row and "loss vs the best member" in row
+
+
+def test_cached_runs_are_keyed_by_the_training_defaults(monkeypatch):
+    """A run cache made under other training defaults (here the step) is not reused for a config
+    whose flags did not change: the key holds every resolved training setting."""
+    from crossmodal import train_step
+
+    base = next(c for c in cv_defaults.configs() if c.name == "baseline")
+    now = cv_defaults.trained_settings(base, 30)
+    assert now["precision"] in ("fp32", "bf16")  # auto is resolved, as the runs train
+    monkeypatch.setattr(train_step, "DEFAULT_STEP", "exact" if now["step"] == "fast" else "fast")
+    other = cv_defaults.trained_settings(base, 30)
+    assert other != now and other["step"] != now["step"]
+    assert cv_defaults.trained_settings(base, 20) != now  # epochs are in it too
