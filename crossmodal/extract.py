@@ -13,7 +13,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -175,18 +177,74 @@ def _collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
+class _Ahead:
+    """Iterate ``batches`` in a background thread, at most ``depth`` items ahead of the consumer,
+    so that decoding the next batch overlaps the encoder on this one (Pillow's decoding and
+    resizing, numpy and the runtimes release the GIL). Items come in order; an exception of the
+    iteration is raised in the consumer at its place. As a context manager: leaving it (also by
+    an exception) stops the thread after at most the batch it is decoding."""
+
+    _END = object()
+
+    def __init__(self, batches, depth: int):
+        self._queue, self._stop = queue.Queue(max(1, depth)), threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches,), name="image-decoding", daemon=True)
+
+    def _fill(self, batches) -> None:
+        try:
+            for item in batches:
+                if not self._put((item, None)):
+                    return
+            self._put((self._END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((None, e))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._END:
+                return
+            yield item
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def extract_images(
     split: CaptionSplit, encoder: torch.nn.Module, npy: Path, *, batch_size: int = 4, workers: int = 0,
     device: torch.device | None = None, shard: tuple[int, int] = (0, 1), skip_bad: bool = False,
-    force: bool = False, progress: bool = True,
+    force: bool = False, progress: bool = True, prefetch: int | None = None,
 ) -> dict:
-    """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar."""
+    """Encode the images of ``split`` (this shard's rows) into ``npy``; returns the sidecar.
+
+    ``workers`` DataLoader processes decode the images; with none, a background thread of this
+    process decodes up to ``prefetch`` batches ahead of the encoder (default: the encoder's
+    ``decode_ahead``, else 0; 0: the main thread decodes each batch before encoding it). The
+    same vectors either way: the same decoding and batches, in order."""
+    if prefetch is None:
+        prefetch = getattr(encoder, "decode_ahead", 0)
     with _Job("img", encoder, split, split.image_ids, npy, shard, force, skip_bad) as j:
         return j.done or _encode_images(j, split, encoder, batch_size, workers, device or torch.device("cpu"),
-                                        skip_bad, progress)
+                                        skip_bad, progress, prefetch)
 
 
-def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_bad, progress) -> dict:
+def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_bad, progress, prefetch) -> dict:
     writer = j.writer
     keep_freed_memory()
     encoder = encoder.to(device).eval()
@@ -196,8 +254,9 @@ def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_ba
                         worker_init_fn=_one_thread, pin_memory=device.type == "cuda")
     n_skipped = len(writer.skipped)
     bar = j.progress_bar("img", f"{encoder.name} {split.name}", progress)
-    with torch.inference_mode():
-        for images, errors in loader:
+    batches = _Ahead(loader, prefetch) if prefetch > 0 and workers == 0 else contextlib.nullcontext(loader)
+    with torch.inference_mode(), batches as loaded:
+        for images, errors in loaded:
             bad = [k for k, e in enumerate(errors) if e]
             if bad and not skip_bad:
                 raise DataError(f"{errors[bad[0]]} (pass --skip-bad to skip and count unreadable images)")
