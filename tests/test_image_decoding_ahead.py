@@ -3,7 +3,8 @@ Runtime's default): the same feature file, to the bit, as decoding each batch in
 (generated images at several batch sizes, real COCO images when ../shared is there); an unreadable
 image in the middle is still the one-line error (nothing published) or a counted skip with
 ``--skip-bad``; another error comes through whole; the thread ends with the extraction; an
-interrupted run resumes to the same bytes."""
+interrupted run resumes to the same bytes. Batches are written in chunks of several batches on
+large shards (at most ``MAX_CHUNKS`` per shard): the same file, skips in the right rows, resumable."""
 
 import threading
 
@@ -12,7 +13,7 @@ import pytest
 
 from crossmodal.coco import load_split
 from crossmodal.errors import DataError
-from crossmodal.extract import extract_images
+from crossmodal.extract import batches_per_chunk, extract_images
 from tests.conftest import shared
 from tests.test_integrity_helpers import TinyImages, copy_root
 
@@ -122,3 +123,41 @@ def test_an_interrupted_run_with_decoding_ahead_resumes_to_the_same_bytes(bad_sp
     _every_kill(tmp_path, monkeypatch, lambda p: extract_images(bad_split, AheadImages(), p, batch_size=4,
                                                                  skip_bad=True, progress=False), "i.npy")
     assert _decoders() == []
+
+
+def test_large_shards_write_at_most_max_chunks_chunks_of_whole_batches():
+    assert batches_per_chunk(16, 4) == batches_per_chunk(2000, 4) == 1  # small shards: one batch a chunk
+    assert batches_per_chunk(2001, 4) == 2
+    per = batches_per_chunk(123287, 4)  # full COCO's train+val images in one shard
+    assert per > 1 and -(-123287 // (4 * per)) <= 500
+
+
+@pytest.mark.parametrize(("batch", "max_chunks", "writes"), [(4, 2, [(8, [6]), (8, [])]),
+                                                             (3, 2, [(9, [6]), (7, [])]),  # a short last batch
+                                                             (2, 3, [(6, []), (6, [6]), (4, [])])])  # a short chunk
+@pytest.mark.parametrize("prefetch", [0, None])
+def test_chunks_of_several_batches_write_the_same_file_and_skips(bad_split, tmp_path, monkeypatch, prefetch, batch,
+                                                                 max_chunks, writes):
+    import crossmodal.extract as ex
+    from crossmodal.store import ResumableWriter
+
+    one, _ = _extract(bad_split, AheadImages(), tmp_path / "one" / "i.npy", batch_size=batch, skip_bad=True)
+    seen = []
+    real = ResumableWriter.write
+    monkeypatch.setattr(ResumableWriter, "write", lambda self, start, rows, skipped_rows=(): (
+        seen.append((len(rows), list(skipped_rows))), real(self, start, rows, skipped_rows)))
+    monkeypatch.setattr(ex, "MAX_CHUNKS", max_chunks)
+    meta, two = _extract(bad_split, AheadImages(), tmp_path / "two" / "i.npy", batch_size=batch, skip_bad=True,
+                         prefetch=prefetch)
+    assert seen == writes  # rows, skipped rows (row 6 is the unreadable image) of each chunk
+    assert two == (tmp_path / "one" / "i.npy").read_bytes()
+    assert meta["skipped_ids"] == one["skipped_ids"] == [int(bad_split.image_ids[6])] and meta["ids"] == one["ids"]
+
+
+def test_an_interrupted_run_with_chunks_of_several_batches_resumes(bad_split, tmp_path, monkeypatch):
+    import crossmodal.extract as ex
+    from tests.test_integrity_resume import _every_kill
+
+    monkeypatch.setattr(ex, "MAX_CHUNKS", 3)  # 8 batches of 2: chunks of 3, 3 and 2 batches
+    _every_kill(tmp_path, monkeypatch, lambda p: extract_images(bad_split, AheadImages(), p, batch_size=2,
+                                                                 skip_bad=True, progress=False), "i.npy")
