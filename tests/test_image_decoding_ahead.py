@@ -161,3 +161,31 @@ def test_an_interrupted_run_with_chunks_of_several_batches_resumes(bad_split, tm
     monkeypatch.setattr(ex, "MAX_CHUNKS", 3)  # 8 batches of 2: chunks of 3, 3 and 2 batches
     _every_kill(tmp_path, monkeypatch, lambda p: extract_images(bad_split, AheadImages(), p, batch_size=2,
                                                                  skip_bad=True, progress=False), "i.npy")
+
+
+def test_the_command_line_default_decodes_ahead_and_keeps_its_errors(bad_split, tmp_path):
+    """make_database_img.py on the CPU default (ONNX Runtime, so decoding ahead): an unreadable
+    image in the middle is one line and exit 2 without --skip-bad, a counted skip with it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, str(root / "make_database_img.py"), "--coco-root", str(tmp_path / "coco"), "--split",
+            "val", "--input-size", "64", "--workers", "0", "--no-progress", "--device", "cpu", "--cache-dir",
+            str(tmp_path / "cache"), "--features-dir", str(tmp_path / "f")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and bad_split.file_names[6] in lines[-1] and "--skip-bad" in lines[-1], lines[-3:]
+    assert "Traceback" not in failed.stderr
+    assert [p.name for p in (tmp_path / "f").rglob("*.npy")] == ["val_img_effnet-lite0.partial.npy"]  # kept to resume
+    done = subprocess.run([*argv, "--skip-bad"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [sidecar] = (tmp_path / "f").rglob("val_img_effnet-lite0.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["runtime"]["name"] == "onnxruntime" and meta["skipped_ids"] == [int(bad_split.image_ids[6])]
+    assert len(meta["ids"]) == 15
