@@ -156,7 +156,7 @@ class EffNetLite0Regions(nn.Module):
     @property
     def decode_ahead(self) -> int:
         """Batches :func:`~crossmodal.extract.extract_images` decodes ahead in a thread by default:
-        2 under ONNX Runtime (its idle threads sleep, so decoding finds a core: 1.2-1.3x on 2 cores,
+        2 under ONNX Runtime (its idle threads sleep, so decoding finds a core: 1.17-1.23x on 2 cores,
         BENCHMARKS.md), 0 under PyTorch (its OpenMP threads spin while they wait: 0.9x)."""
         return 2 if self.session is not None else 0
 
