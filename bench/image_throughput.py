@@ -7,9 +7,11 @@ allocator. Each measurement runs in a fresh process (the allocator setting is pr
                                      [--size 256] [--rounds 3]
 
 ``--part runtimes``: EfficientNet-Lite0 at 256 px through the whole extraction (batch 4, no
-decoding worker: today's CPU defaults) with PyTorch or ONNX Runtime, full or reduced-size
-(``draft``) JPEG decoding, all in one process, in interleaved rounds (best of each), as ratios
-against today's path (PyTorch, full decoding), with the cosine of each row to today's features.
+decoding worker: the CPU defaults) with PyTorch or ONNX Runtime, full or reduced-size (``draft``)
+JPEG decoding, decoding in the main thread before each batch (``serial``) or in a thread a few
+batches ahead (``ahead``, ONNX Runtime's default), all in one process, in interleaved rounds
+(best of each), as ratios against today's path (PyTorch, full decoding, serial), with the cosine
+of each row to today's features and whether they equal the serial ONNX Runtime ones to the bit.
 
 Faster R-CNN runs with random weights here (no COCO weights offline); its cost does not
 depend on the weights (the RPN keeps top-N proposals either way).
@@ -41,13 +43,14 @@ def seed_style(enc, split, n: int) -> np.ndarray:
     return np.stack(out)
 
 
-def ours(enc, split, n: int, batch: int, workers: int) -> np.ndarray:
+def ours(enc, split, n: int, batch: int, workers: int, prefetch: int | None = None) -> np.ndarray:
     from crossmodal.coco import CaptionSplit
 
     sub = CaptionSplit(split.name, split.image_dir, split.image_ids[:n], split.file_names[:n],
                        split.caption_ids[:0], split.caption_image_ids[:0], [], split.source)
     with tempfile.TemporaryDirectory() as d:
-        extract_images(sub, enc, Path(d) / "x.npy", batch_size=batch, workers=workers, progress=False)
+        extract_images(sub, enc, Path(d) / "x.npy", batch_size=batch, workers=workers, progress=False,
+                       prefetch=prefetch)
         return np.load(Path(d) / "x.npy")
 
 
@@ -88,28 +91,36 @@ def _measure(kind, size, batch, n, workers, q):
     q.put((n / t, f))
 
 
+RUNTIME_PATHS = (("torch", "full", "serial"), ("torch", "draft", "serial"), ("onnxruntime", "full", "serial"),
+                 ("onnxruntime", "full", "ahead"), ("onnxruntime", "draft", "ahead"))
+
+
 def runtimes(n: int, size: int = 256, rounds: int = 3) -> list[dict]:
-    """Images/s of the four (runtime, decode) paths of EfficientNet-Lite0 in this process."""
+    """Images/s of the (runtime, decode, decoding thread) paths of EfficientNet-Lite0 in this process."""
     from crossmodal.perf import keep_freed_memory
 
     keep_freed_memory()
     split = load_split(SHARED / "coco-mini", "train2017")
     with tempfile.TemporaryDirectory() as cache:
-        paths = {(rt, dec): EffNetLite0Regions(size, runtime=rt, decode=dec, cache_dir=cache)
-                 for rt in ("torch", "onnxruntime") for dec in ("full", "draft")}
-        best, feats = dict.fromkeys(paths, float("inf")), {}
-        ours(paths["torch", "full"], split, 8, 4, 0)  # warm-up: first-call allocations, page cache
+        encs = {(rt, dec): EffNetLite0Regions(size, runtime=rt, decode=dec, cache_dir=cache)
+                for rt, dec, _ in RUNTIME_PATHS}
+        best, feats = dict.fromkeys(RUNTIME_PATHS, float("inf")), {}
+        ours(encs["torch", "full"], split, 8, 4, 0, 0)  # warm-up: first-call allocations, page cache
         for _ in range(rounds):
-            for key, enc in paths.items():
-                t, feats[key] = timed(lambda enc=enc: ours(enc, split, n, 4, 0))
-                best[key] = min(best[key], t)
-    base, ref = best["torch", "full"], feats["torch", "full"]
+            for rt, dec, how in RUNTIME_PATHS:  # ahead: the encoder's default (decode_ahead batches)
+                enc = encs[rt, dec]
+                t, feats[rt, dec, how] = timed(lambda enc=enc, how=how: ours(enc, split, n, 4, 0,
+                                                                              0 if how == "serial" else None))
+                best[rt, dec, how] = min(best[rt, dec, how], t)
+    base, ref = best["torch", "full", "serial"], feats["torch", "full", "serial"]
     out = []
-    for (rt, dec), t in best.items():
-        f = feats[rt, dec]
+    for (rt, dec, how), t in best.items():
+        f = feats[rt, dec, how]
         c = np.sum(f * ref, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref, axis=1))
-        out.append({"runtime": rt, "decode": dec, "input": size, "img_s": n / t, "speedup": base / t,
-                    "cos_min": float(c.min()), "cos_mean": float(c.mean())})
+        out.append({"runtime": rt, "decode": dec, "decoding": how, "input": size, "img_s": n / t, "speedup": base / t,
+                    "cos_min": float(c.min()), "cos_mean": float(c.mean()),
+                    "bit_equal_to_ort_serial": bool(np.array_equal(f, feats["onnxruntime", dec, "serial"]))
+                    if ("onnxruntime", dec, "serial") in feats else None})
     return out
 
 
@@ -117,11 +128,13 @@ def print_runtimes(rows: list[dict], n: int) -> None:
     print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"EfficientNet-Lite0, {rows[0]['input']} px, {n} real COCO images, batch 4, 0 decoding workers, "
           f"{torch.get_num_threads()} threads (best of interleaved rounds, one process)")
-    print("| runtime | decoding | images/s | x today's path | cos to today's (min / mean) |")
-    print("|---|---|---|---|---|")
+    print("| runtime | JPEG decoding | decoded | images/s | x today's path | cos to today's (min / mean) | "
+          "= ORT serial, bit for bit |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['runtime']} | {r['decode']} | {r['img_s']:.1f} | {r['speedup']:.2f} | "
-              f"{r['cos_min']:.5f} / {r['cos_mean']:.5f} |")
+        same = {True: "yes", False: "no", None: "-"}[r["bit_equal_to_ort_serial"]]
+        print(f"| {r['runtime']} | {r['decode']} | {r['decoding']} | {r['img_s']:.1f} | {r['speedup']:.2f} | "
+              f"{r['cos_min']:.5f} / {r['cos_mean']:.5f} | {same} |")
 
 
 def main(argv=None):

@@ -66,7 +66,8 @@ def image_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-size", type=int_in_range(32, 8192), default=None, help="longer side cap (default 1333)")
     p.add_argument("--workers", type=int_in_range(0, 64), default=default_workers(),
                    help="DataLoader processes decoding images (default: 0 on <= 4 cores, where a worker "
-                        "costs more than it saves; else half the cores, at most 8)")
+                        "costs more than it saves; else half the cores, at most 8). With 0, under ONNX Runtime "
+                        "a thread decodes the next batches while the encoder runs (same features)")
     _add_shard_args(p)
     add_run_args(p, batch_size=None)
     return p
