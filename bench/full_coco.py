@@ -16,7 +16,8 @@ stage of both timed in this process, interleaved where they differ (median of ``
 images through PyTorch with full-size JPEG decoding (before) and the default image encoder;
 MiniLM through PyTorch (before) and the default caption runtime; the training loop as it ran
 (``--step exact``, float32) and the default training-step settings (crossmodal/train_step.py);
-validation from one sweep of the similarity matrix per direction (before) or one for both.
+validation from one sweep of the similarity matrix per direction (before) or one for both;
+full-COCO galleries indexed flat (before) or by the default rule (IVF from 100K vectors).
 The sums are "before" and "now", and their ratio is printed.
 
     python -m bench.full_coco [--images 128] [--captions 1000] [--train-steps 60] [--rounds 2]
@@ -164,6 +165,23 @@ def _embed_s() -> float:
     return t_img * N_IMG + t_cap * N_CAP
 
 
+def _index_s() -> dict[str, float]:
+    """Seconds to build one model's two gallery indexes over all of full COCO (123K images, 617K
+    captions; random unit vectors, 128-d): exact flat (before) and the default rule (now: IVF from
+    100K vectors, :func:`crossmodal.index.auto_kind`, whose k-means dominates)."""
+    from crossmodal.index import build_index
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for kind in ("flat", "auto"):
+        t0 = time.perf_counter()
+        for n in (N_IMG, N_CAP):
+            x = rng.standard_normal((n, 128), dtype=np.float32)
+            build_index(x / np.linalg.norm(x, axis=1, keepdims=True), kind)
+        out[kind] = time.perf_counter() - t0
+    return out
+
+
 def estimate(r: dict) -> list[tuple[str, str, float, float]]:
     """Rows (stage, work, minutes before, minutes now) from the measured rates ``r``."""
     m = 60.0
@@ -179,8 +197,9 @@ def estimate(r: dict) -> list[tuple[str, str, float, float]]:
          (N_TRAIN_CAP * r["fasttext_train_s_per_cap"] + N_CAP / r["fasttext_caps_s"]) / m),
         ("training + validation", f"{MODELS} models x {EPOCHS} epochs of {N_TRAIN_CAP:,} triplets, validated "
          "each epoch", train_before / m, train_now / m),
-        ("embeddings + scoring", f"{MODELS} models: embed {N_IMG:,} + {N_CAP:,}, score 5K",
-         MODELS * (r["embed_s"] + val["two_sweeps"]) / m, MODELS * (r["embed_s"] + val["one_sweep"]) / m),
+        ("embeddings + indexes + scoring", f"{MODELS} models: embed and index {N_IMG:,} + {N_CAP:,}, score 5K",
+         MODELS * (r["embed_s"] + r["index_s"]["flat"] + val["two_sweeps"]) / m,
+         MODELS * (r["embed_s"] + r["index_s"]["auto"] + val["one_sweep"]) / m),
     ]
 
 
@@ -203,6 +222,7 @@ def main(argv=None):
     r["train_epoch_s"] = _train_epoch_s(a.train_steps, a.rounds)
     r["validation_s"] = _validation_s(a.rounds)
     r["embed_s"] = _embed_s()
+    r["index_s"] = _index_s()
     r["load"] = [load0, os.getloadavg()[0]]
     rows = estimate(r)
     before, now = sum(x[2] for x in rows), sum(x[3] for x in rows)
@@ -219,7 +239,8 @@ def main(argv=None):
              f"{t['default_setting']} at {t['fasttext_now_peak_pct']:.0f}% / {t['minilm_now_peak_pct']:.0f}% "
              f"({t['minilm_before'] / t['minilm_now']:.2f}x MiniLM) of this process's float32 matmul rate "
              f"({t['matmul_gflops']:.0f} GFLOP/s, load {t['load']:.1f}); validation "
-             f"{r['validation_s']['two_sweeps']:.2f} s -> {r['validation_s']['one_sweep']:.2f} s",
+             f"{r['validation_s']['two_sweeps']:.2f} s -> {r['validation_s']['one_sweep']:.2f} s; one model's two "
+             f"full-COCO indexes {r['index_s']['flat']:.1f} s flat, {r['index_s']['auto']:.1f} s by the rule (IVF)",
              "", "| stage | work | before (min) | now (min) |", "|---|---|---|---|"]
     lines += [f"| {s} | {w} | {b:.0f} | {n:.0f} |" for s, w, b, n in rows]
     lines += [f"| **whole pipeline** | | **{before:.0f}** | **{now:.0f}** |", "",
