@@ -2,17 +2,23 @@
 each a test that failed before its fix."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
+import crossmodal.index as index_mod
 from crossmodal.coco import load_split
+from crossmodal.errors import FeatureError
 from crossmodal.extract import extract_images, extract_texts
-from crossmodal.outputs import OutputConflictError
+from crossmodal.index import describe
+from crossmodal.outputs import OutputConflictError, read_sidecar
+from crossmodal.serve import Searcher
 from crossmodal.train import Trainer, load_checkpoint
 from img2text import main as img2text_main
 from tests.test_integrity_helpers import TinyImages, TinyTexts
+from tests.test_serve import run_copy, serve_run_dir  # noqa: F401 (fixtures)
 
 
 def _args(feats, runs, *extra):
@@ -101,3 +107,38 @@ def test_a_caption_run_resumed_with_another_batch_size_ends_as_the_uninterrupted
         extract_texts(split, _BatchRoundingTexts(die_at=2), npy, batch_size=8, chunk=16, progress=False)
     extract_texts(split, _BatchRoundingTexts(), npy, batch_size=32, chunk=16, progress=False)
     assert npy.read_bytes() == (tmp_path / "ref" / "t.npy").read_bytes()
+
+
+def test_auto_index_follows_a_changed_gallery_instead_of_refusing_it(run_copy, serve_run_dir, monkeypatch,  # noqa: F811
+                                                                     caplog):
+    """Embeddings made by the default rule (flat), then the run retrained so that its embeddings
+    are stale, and the rule now gives IVF (the gallery crossed the threshold; simulated by lowering
+    it): the same command rebuilds them with the rule's index. An explicit kind is still refused."""
+    from get_features_captions import main as embed_main
+
+    ck = torch.load(run_copy / "best.pt", weights_only=True)
+    ck["img_head"]["net.0.weight"] += 0.01  # retrained: the embeddings' checkpoint changed
+    torch.save(ck, run_copy / "best.pt")
+    monkeypatch.setattr(index_mod, "AUTO_IVF_FROM", 17)  # the 16 images stay flat, the captions reach it
+    with pytest.raises(OutputConflictError, match="index.kind"):
+        embed_main(["--run", str(run_copy), "--split", "val", "--index", "hnsw"])
+    with caplog.at_level(logging.INFO):
+        embed_main(["--run", str(run_copy), "--split", "val"])
+    assert "stale" in caplog.text
+    side = read_sidecar(run_copy / "embeddings" / "val_emb_text.json")
+    assert side["index"]["type"] == "IndexIVFFlat" and side["job"]["index"]["kind"] == "ivf"
+    s = Searcher.from_run(run_copy, "val", serve_run_dir["root"])
+    assert describe(s.gallery.txt_index)["type"] == "IndexIVFFlat"
+
+
+def test_an_nlist_too_large_for_the_rules_ivf_gallery_publishes_nothing(run_copy, monkeypatch):  # noqa: F811
+    """``--index auto --nlist N`` with N above the IVF gallery's size: the one-line error comes
+    before any gallery is replaced (not after the flat image gallery was republished with the
+    new job, which the next run without --nlist then refused as other settings)."""
+    from get_features_captions import main as embed_main
+
+    monkeypatch.setattr(index_mod, "AUTO_IVF_FROM", 17)  # images (16) flat, captions IVF
+    before = {p.name: p.read_bytes() for p in (run_copy / "embeddings").iterdir() if p.suffix != ".lock"}
+    with pytest.raises(FeatureError, match="--nlist 100000"):
+        embed_main(["--run", str(run_copy), "--split", "val", "--nlist", "100000", "--force"])
+    assert {p.name: p.read_bytes() for p in (run_copy / "embeddings").iterdir() if p.suffix != ".lock"} == before
