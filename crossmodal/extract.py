@@ -255,6 +255,18 @@ def batches_per_chunk(rows: int, batch_size: int) -> int:
     return max(1, -(-rows // (batch_size * MAX_CHUNKS)))
 
 
+def _kept_batch_size(writer: ResumableWriter, batch_size: int) -> int:
+    """The batch size to encode with: a resumed run keeps its interrupted run's (the encoders round
+    a vector a little differently in another batch, so mixing them would not end in the bytes
+    of an uninterrupted run); recorded in the progress for a later resume."""
+    old = writer.layout.get("batch_size") if writer.done else None
+    if old not in (None, batch_size):
+        log.info("%s resumes with batch size %d, as the run it continues (not %d)", writer.npy, old, batch_size)
+        batch_size = int(old)
+    writer.layout = {"batch_size": batch_size}
+    return batch_size
+
+
 def _write(writer: ResumableWriter, chunk: list[np.ndarray], skipped: list[int]) -> None:
     """Write the batches of ``chunk`` (each (B, dim)) as one chunk (``skipped``: its skipped rows) and empty both."""
     writer.write(writer.done, np.concatenate(chunk), skipped_rows=list(skipped))
@@ -264,6 +276,7 @@ def _write(writer: ResumableWriter, chunk: list[np.ndarray], skipped: list[int])
 
 def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_bad, progress, prefetch) -> dict:
     writer = j.writer
+    batch_size = _kept_batch_size(writer, batch_size)
     keep_freed_memory()
     encoder = encoder.to(device).eval()
     data = _ImageRows(split, np.arange(j.start + writer.done, j.stop), encoder.preprocess,
@@ -311,6 +324,7 @@ def extract_texts(
         if j.done:
             return j.done
         writer, start, stop = j.writer, j.start, j.stop
+        batch_size = _kept_batch_size(writer, batch_size)
         keep_freed_memory()
         bar = j.progress_bar("cap", f"{encoder.name} {split.name}", progress)
         kw = {"batch_size": batch_size} if encoder.name == "bert" else {}

@@ -33,11 +33,30 @@ def auto_kind(n: int) -> str:
     return "ivf" if n >= AUTO_IVF_FROM else "flat"
 
 
-def resolve_kind(kind: str, n: int) -> str:
-    """``kind``, with ``auto`` replaced by :func:`auto_kind` of the gallery size ``n``."""
+def resolve_kind(kind: str, n: int, nlist: int | None = None) -> str:
+    """``kind``, with ``auto`` replaced by :func:`auto_kind` of the gallery size ``n``; refuses an
+    ``nlist`` over ``n`` where that gives IVF (before anything is built or replaced)."""
     if kind not in INDEX_CHOICES:
         raise ValueError(f"unknown index kind {kind!r}: {', '.join(INDEX_CHOICES)}")
-    return auto_kind(n) if kind == "auto" else kind
+    kind = auto_kind(n) if kind == "auto" else kind
+    if kind == "ivf" and nlist and nlist > n:
+        raise FeatureError(f"--nlist {nlist}: an IVF index needs at least as many vectors as cells, "
+                           f"the gallery has {n}")
+    return kind
+
+
+def stale_on(requested: str, sidecar: str | Path, job: dict) -> tuple[str, ...]:
+    """The keys of an embeddings ``job`` whose change makes the embeddings behind ``sidecar`` stale
+    (rebuilt) rather than other work (refused): their inputs; with ``auto`` requested, also the
+    index kind when the inputs changed too and the old kind was one the rule gives (the rule
+    follows the gallery, and the gallery changed)."""
+    from .outputs import read_sidecar
+
+    old = (read_sidecar(sidecar) or {}).get("job")
+    if requested == "auto" and isinstance(old, dict) and old.get("inputs") != job.get("inputs") and (
+            (old.get("index") or {}).get("kind") in ("flat", "ivf")):
+        return ("inputs", "index.kind")
+    return ("inputs",)
 
 
 def default_nlist(n: int) -> int:
@@ -53,14 +72,11 @@ def build_index(xb: np.ndarray, kind: str = "flat", nlist: int | None = None, np
 
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     d = xb.shape[1]
-    kind = resolve_kind(kind, len(xb))
+    kind = resolve_kind(kind, len(xb), nlist)
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
         nlist = nlist or default_nlist(len(xb))
-        if nlist > len(xb):
-            raise FeatureError(f"--nlist {nlist}: an IVF index needs at least as many vectors as cells, "
-                               f"the gallery has {len(xb)}")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(xb)
         index.nprobe = min(nprobe, nlist)

@@ -6,7 +6,8 @@ written in that order each epoch and at the end. :func:`start_state` reads what 
 whether the run is finished (``done``: ``done.json`` vouches for ``best.pt``), resumes from
 ``last.pt`` (checked by :func:`resume_point`), or starts afresh; a kill at any point between
 these writes leaves a state that one of the three ends as an uninterrupted run would.
-What a run is (:func:`run_record`) and the leak rules between its splits live here too.
+What a run is (:func:`run_record`; the precision ``auto`` keeps for it, :func:`settle_precision`)
+and the leak rules between its splits live here too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .outputs import (
     remove,
     write_json,
 )
+from .train_step import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def start_state(a, out: Path, record: dict) -> str:
         if old is not None:
             log.warning("%s is missing or unreadable: the run's arguments are read from its checkpoint", f["args"])
     if old is not None and old != record and has_work:
-        changes = diff(old, record)
+        changes = diff({**_OLD_LOOP, **old}, {**_OLD_LOOP, **record})  # a left-out setting shows its value
         raise OutputConflictError(
             f"run {out} holds a model trained with other arguments or features ({'; '.join(changes[:4])}"
             f"{'; ...' if len(changes) > 4 else ''}): pass --name NEW for a separate run, or --force to retrain "
@@ -104,6 +106,23 @@ def start_state(a, out: Path, record: dict) -> str:
     if a.resume and not f["last"].is_file():
         raise ModelError(f"--resume: {f['last']} does not exist (nothing to resume: run without --resume)")
     return "resume" if old == record and f["last"].is_file() else "fresh"
+
+
+def settle_precision(a, out: Path, device) -> str:
+    """``--precision`` as this run trains: ``auto`` keeps the precision that the run already in
+    ``out`` trained with (copied from a device where ``auto`` resolved otherwise, it resumes, or
+    stays finished, as it was; emulated bf16 is slower, not different), else :func:`resolve_precision`."""
+    native = resolve_precision(a.precision, device)
+    f = run_files(out)
+    if a.precision != "auto" or a.force or not any(f[k].exists() for k in ("last", "best", "done")):
+        return native
+    old = read_sidecar(f["args"]) or _checkpoint_record(f["last"]) or _checkpoint_record(f["best"]) or {}
+    kept = old.get("precision", _OLD_LOOP["precision"]) if old else native
+    if kept in ("fp32", "bf16") and kept != native:
+        log.info("%s was trained with --precision %s (auto is %s on %s): it keeps %s (--force or --name NEW to "
+                 "train with %s)", out, kept, native, device, kept, native)
+        return kept
+    return native
 
 
 def resume_point(f: dict, record: dict) -> dict | None:

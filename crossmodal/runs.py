@@ -38,7 +38,7 @@ from .cli import code_version
 from .encoders import check_features_fit, checked_text_encoder, image_encoder_from_sidecar
 from .ensemble import StackedEncoder, StackedHead, combine, ensemble_dir
 from .errors import DataError, FeatureError, ModelError
-from .index import build_index, describe, index_bytes, load_index, resolve_kind
+from .index import build_index, describe, index_bytes, load_index, resolve_kind, stale_on
 from .outputs import check, diff, locked, publish, read_sidecar, save_npy, tmp_path, write_bytes
 from .run_state import check_disjoint, feature_digest
 from .store import feature_path, file_digest, load_features, read_meta, rows_digest, safe_split_name, sidecar_path
@@ -154,10 +154,10 @@ class Run:
         job = {"index": index, "inputs": {"checkpoint": file_digest(ck_path),
                                           "img": feature_digest(pairs.img_meta, img_npy),
                                           "text": feature_digest(pairs.txt_meta, txt_npy)}}
-        jobs = {k: dict(job, kind=k, index=dict(index, kind=resolve_kind(index["kind"], len(rows))))
+        jobs = {k: dict(job, kind=k, index=dict(index, kind=resolve_kind(index["kind"], len(rows), index["nlist"])))
                 for k, rows in (("img", pairs.img), ("text", pairs.txt))}
         fresh = [check(sidecar_path(out[k]), jobs[k], force, what=f"embeddings {out[k]}",
-                       rebuild_on=("inputs",)) for k in ("img", "text")]
+                       rebuild_on=stale_on(index["kind"], sidecar_path(out[k]), jobs[k])) for k in ("img", "text")]
         if all(fresh):
             log.info("embeddings of %s in %s are up to date: skipped", split, out["img"].parent)
             return read_meta(out["img"])

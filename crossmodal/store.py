@@ -206,6 +206,8 @@ class ResumableWriter:
     ``job`` identifies the work (encoder, settings, ids digest); progress from a different
     job, a corrupt partial file, or ``fresh=True`` (``--force``) starts over. Rows may be
     marked skipped (unreadable inputs); :meth:`finish` drops them and publishes the file.
+    ``layout`` (a dict, e.g. the batch size) is kept in the progress record for a resumed run to
+    read: how the rows were computed, where that changes their bytes but not the job.
     """
 
     def __init__(self, npy: str | Path, n_rows: int, dim: int, job: dict, fresh: bool = False):
@@ -214,7 +216,7 @@ class ResumableWriter:
         self.partial = self.npy.with_name(self.npy.stem + ".partial.npy")
         self.progress = self.npy.with_name(self.npy.stem + ".progress.json")
         self.n_rows, self.dim, self.job = n_rows, dim, job
-        self.done, self.skipped, self.chunks = 0, [], []
+        self.done, self.skipped, self.chunks, self.layout = 0, [], [], {}
         self.array = None if fresh else self._reopen()
         if self.array is None:
             self.done, self.skipped, self.chunks = 0, [], []
@@ -256,7 +258,7 @@ class ResumableWriter:
                 elif not all(isinstance(r, int) and 0 <= r < int(state["done"]) for r in state["skipped"]):
                     why = "its progress record lists skipped rows outside the rows done"
                 else:
-                    self.array = arr
+                    self.array, self.layout = arr, dict(state.get("layout") or {})
                     self._keep_verified(state)
                     return arr
             except (OSError, ValueError, EOFError, KeyError, TypeError, IndexError) as e:
@@ -279,7 +281,7 @@ class ResumableWriter:
 
     def _save_progress(self) -> None:
         state = {"job": self.job, "shape": [self.n_rows, self.dim], "done": self.done, "skipped": self.skipped,
-                 "chunks": self.chunks}
+                 "chunks": self.chunks, "layout": self.layout}
         write_json(self.progress, state)
 
     def write(self, start: int, rows: np.ndarray, skipped_rows=()) -> None:

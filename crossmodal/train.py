@@ -67,10 +67,11 @@ from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_res
     resume_point,
     run_files,
     run_record,
+    settle_precision,
     start_state,
 )
 from .store import check_split, feature_path, load_features
-from .train_step import HeadPass, add_step_args, make_optimizer, resolve_precision
+from .train_step import HeadPass, add_step_args, make_optimizer
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ def _load_checked_pairs(a, paths: dict) -> tuple[Pairs, Pairs]:
 def _train(a, name: str, out: Path, paths: dict) -> dict:
     train, val = _load_checked_pairs(a, paths)
     device = resolve_device(a.device)
-    a.precision = resolve_precision(a.precision, device)  # recorded as what ran: fp32 or bf16
+    a.precision = settle_precision(a, out, device)  # recorded as what ran: fp32 or bf16
     record = run_record(a, name, train, val, paths)
     f = run_files(out)
     state = start_state(a, out, record)
