@@ -260,9 +260,10 @@ def _kept_batch_size(writer: ResumableWriter, batch_size: int) -> int:
     a vector a little differently in another batch, so mixing them would not end in the bytes
     of an uninterrupted run); recorded in the progress for a later resume."""
     old = writer.layout.get("batch_size") if writer.done else None
-    if old not in (None, batch_size):
+    # unrecorded (progress written before the layout was) or not a positive int: the asked size
+    if type(old) is int and old > 0 and old != batch_size:  # noqa: E721 (a bool is not a size)
         log.info("%s resumes with batch size %d, as the run it continues (not %d)", writer.npy, old, batch_size)
-        batch_size = int(old)
+        batch_size = old
     writer.layout = {"batch_size": batch_size}
     return batch_size
 
