@@ -99,6 +99,27 @@ def test_an_image_run_resumed_with_another_batch_size_ends_as_the_uninterrupted_
     assert npy.read_bytes() == (tmp_path / "ref" / "i.npy").read_bytes()
 
 
+
+@pytest.mark.parametrize("recorded", ["4", True, -4, None])
+def test_a_progress_record_with_a_batch_size_that_is_not_one_resumes_with_the_asked_size(small_root, tmp_path,
+                                                                                          recorded):
+    """A progress record edited by hand (batch size a string, a bool, negative, or none) is no
+    reason for a traceback: the resume encodes with the asked batch size and finishes."""
+    import json
+
+    split = load_split(small_root, "val")
+    extract_images(split, _BatchRounding(), tmp_path / "ref" / "i.npy", batch_size=4, progress=False)
+    npy = tmp_path / "run" / "i.npy"
+    with pytest.raises(KeyboardInterrupt):
+        extract_images(split, _BatchRounding(die_at=3), npy, batch_size=4, progress=False)
+    progress = npy.with_name("i.progress.json")
+    state = json.loads(progress.read_text())
+    assert state["layout"] == {"batch_size": 4}
+    state["layout"] = {"batch_size": recorded}
+    progress.write_text(json.dumps(state))
+    extract_images(split, _BatchRounding(), npy, batch_size=4, progress=False)
+    assert npy.read_bytes() == (tmp_path / "ref" / "i.npy").read_bytes()
+
 def test_a_caption_run_resumed_with_another_batch_size_ends_as_the_uninterrupted_run(small_root, tmp_path):
     split = load_split(small_root, "val")
     extract_texts(split, _BatchRoundingTexts(), tmp_path / "ref" / "t.npy", batch_size=8, chunk=16, progress=False)
