@@ -74,6 +74,25 @@ def run_killed_at(fn, k: int, monkeypatch, extra=()):
     return seen["n"], False
 
 
+def train_interrupted_at(fn, epoch: int, monkeypatch) -> None:
+    """Run ``fn()`` (a training) with a Ctrl-C (KeyboardInterrupt) as epoch ``epoch`` starts; it must
+    be interrupted. The training loop is whole again afterwards."""
+    import pytest
+
+    from crossmodal.train import Trainer
+
+    orig = Trainer.train_epoch
+
+    def dying(self, e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return orig(self, e)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(Trainer, "train_epoch", dying)
+        fn()
+
+
 def leftovers(folder):
     """Files a finished stage must not leave behind: partial arrays, progress records, temporaries."""
     return sorted(p.name for p in folder.rglob("*") if p.is_file() and any(

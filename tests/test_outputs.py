@@ -24,6 +24,7 @@ from make_database_img import main as img_main
 from make_database_text import main as text_main
 from retrieve_img2text import main as i2t_main
 from tests.conftest import ROOT
+from tests.test_integrity_helpers import train_interrupted_at
 
 IMG = ["--encoder", "effnet-lite0", "--input-size", "96", "--workers", "0", "--batch-size", "4", "--no-progress"]
 FT = ["--encoder", "fasttext", "--fasttext-dim", "16", "--fasttext-bucket", "2000", "--fasttext-epoch", "3",
@@ -225,19 +226,7 @@ def test_run_with_other_arguments_is_refused_until_force_or_new_name(feats, tmp_
 
 
 def test_resume_appends_to_results_and_ignores_a_torn_line(feats, tmp_path, monkeypatch):
-    from crossmodal.train import Trainer
-
-    orig = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return orig(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        _train(feats, tmp_path, "--epochs", "4")
-    monkeypatch.setattr(Trainer, "train_epoch", orig)
+    train_interrupted_at(lambda: _train(feats, tmp_path, "--epochs", "4"), 2, monkeypatch)
     results = tmp_path / "img2text_fasttext" / "results.jsonl"
     kept = results.read_text()
     with open(results, "a") as f:

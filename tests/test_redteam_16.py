@@ -15,9 +15,9 @@ from crossmodal.extract import extract_images, extract_texts
 from crossmodal.index import describe
 from crossmodal.outputs import OutputConflictError, read_sidecar
 from crossmodal.serve import Searcher
-from crossmodal.train import Trainer, load_checkpoint
+from crossmodal.train import load_checkpoint
 from img2text import main as img2text_main
-from tests.test_integrity_helpers import TinyImages, TinyTexts
+from tests.test_integrity_helpers import TinyImages, TinyTexts, train_interrupted_at
 from tests.test_serve import run_copy, serve_run_dir  # noqa: F401 (fixtures)
 
 
@@ -37,17 +37,7 @@ def test_a_run_copied_to_a_device_where_auto_differs_resumes_and_stays_finished(
     finished, is skipped, not refused; asking for fp32 there is refused, naming both values."""
     _device_bf16(monkeypatch, True)
     img2text_main(_args(demo_features, tmp_path / "ref", "--epochs", "2"))
-    orig = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return orig(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "2"))
-    monkeypatch.setattr(Trainer, "train_epoch", orig)
+    train_interrupted_at(lambda: img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "2")), 1, monkeypatch)
     _device_bf16(monkeypatch, False)  # the run folder is now on another machine
     img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "2", "--resume"))
     run, ref = (tmp_path / x / "img2text_fasttext" for x in ("run", "ref"))

@@ -22,6 +22,7 @@ from crossmodal.train import (
     load_pairs,
 )
 from img2text import main as img2text_main
+from tests.test_integrity_helpers import train_interrupted_at
 from text2img_bert import main as text2img_bert_main
 
 
@@ -95,18 +96,8 @@ def test_same_seed_same_result(demo_features, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted(demo_features, tmp_path, monkeypatch):
     img2text_main(_args(demo_features, tmp_path / "ref", "--epochs", "6"))
-    orig = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return orig(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "6"))
+    train_interrupted_at(lambda: img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "6")), 4, monkeypatch)
     assert load_checkpoint(tmp_path / "run" / "img2text_fasttext" / "last.pt")["epoch"] == 3
-    monkeypatch.setattr(Trainer, "train_epoch", orig)
     img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "6", "--resume"))
     ref = (tmp_path / "ref" / "img2text_fasttext" / "results.jsonl").read_text().splitlines()
     got = (tmp_path / "run" / "img2text_fasttext" / "results.jsonl").read_text().splitlines()

@@ -18,6 +18,7 @@ from crossmodal.train import Pairs, Trainer, build_parser, load_checkpoint
 from crossmodal.train_step import HeadPass, native_bf16, resolve_precision
 from crossmodal.triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 from img2text import main as img2text_main
+from tests.test_integrity_helpers import train_interrupted_at
 
 
 def _pairs(n_img=40, d_img=48, d_txt=24, seed=0):
@@ -141,17 +142,8 @@ def test_fast_bf16_learns_resumes_exactly_and_is_recorded(demo_features, tmp_pat
     assert rows[-1]["loss"] < rows[0]["loss"] and ref["best"]["val_img2text_R@5"] >= 30, ref["best"]
     record = json.loads((tmp_path / "ref" / "img2text_fasttext" / "args.json").read_text())
     assert record["step"] == "fast" and record["precision"] == "bf16"
-    orig = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 4:
-            raise KeyboardInterrupt
-        return orig(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "12", *FAST))
-    monkeypatch.setattr(Trainer, "train_epoch", orig)
+    train_interrupted_at(lambda: img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "12", *FAST)), 4,
+                         monkeypatch)
     img2text_main(_args(demo_features, tmp_path / "run", "--epochs", "12", "--resume", *FAST))
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_s"}  # noqa: E731
     got, want = ((tmp_path / x / "img2text_fasttext" / "results.jsonl").read_text().splitlines()
