@@ -27,9 +27,10 @@ def _sizes(root):
 def test_demo_regeneration_killed_half_way_is_never_accepted(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     generate_demo_dataset(out, num_train=6, num_val=3, seed=0, image_size=64)
-    total, _ = run_killed_at(lambda: generate_demo_dataset(tmp_path / "count", 6, 3, 0, 80), 0, monkeypatch)
+    total, _ = run_killed_at(lambda: generate_demo_dataset(tmp_path / "count", 6, 3, 0, 80), 0, monkeypatch,
+                             mid_write=True)
     for k in (2, total // 2, total - 1):
-        assert run_killed_at(lambda: generate_demo_dataset(out, 6, 3, 0, 80), k, monkeypatch)[1]
+        assert run_killed_at(lambda: generate_demo_dataset(out, 6, 3, 0, 80), k, monkeypatch, mid_write=True)[1]
         assert not (out / "demo_meta.json").exists()  # not a finished dataset of either size
         meta = generate_demo_dataset(out, num_train=6, num_val=3, seed=0, image_size=64)
         assert _sizes(out) == {(64, 64)} and meta["params"]["image_size"] == 64

@@ -45,33 +45,165 @@ class Killed(BaseException):
     """Stands for a kill -9 at a chosen step: not an Exception, so no handler of the code under test stops it."""
 
 
-def run_killed_at(fn, k: int, monkeypatch, extra=()):
-    """Run ``fn()`` with a kill before its ``k``-th file-system step (os.replace, os.unlink, os.fsync,
-    a resumable chunk write, and ``extra`` (owner, name) pairs); k = 0 never kills.
-    Returns (number of steps seen, killed?)."""
+def _half(data):
+    """The first half of what one ``write`` call was given (str, bytes or any buffer)."""
+    if isinstance(data, str):
+        return data[: len(data) // 2]
+    view = memoryview(data).cast("B")
+    return view[: len(view) // 2]
+
+
+class _TornFile:
+    """A file opened for writing whose ``write`` at the chosen step puts the first half of its bytes in
+    the file, flushes them to the kernel (which keeps what a killed process wrote) and dies."""
+
+    def __init__(self, f, due, die):
+        self._f, self._due, self._die = f, due, die
+
+    def write(self, data):
+        if self._due():
+            self._f.write(_half(data))
+            self._f.flush()
+            self._die()
+        return self._f.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def __iter__(self):
+        return iter(self._f)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _install_steps(setattr, due, die, extra=(), mid_write=False):
+    """Count the file-system steps of the code under test with ``due()`` and call ``die()`` at the chosen
+    one: before os.replace, os.unlink, os.fsync, a resumable chunk write and ``extra`` (owner, name); with
+    ``mid_write``, also half-way through every write to a file opened by path for writing (open, io.open,
+    pathlib, numpy, PIL, matplotlib all open that way; lock files, opened from a descriptor, are markers,
+    not outputs), every os.write, and a resumable chunk (half its rows written)."""
+    import builtins
+    import io
     import os
 
     from crossmodal.store import ResumableWriter
 
-    seen = {"n": 0}
-
-    def wrap(orig):
+    def before(orig):
         def step(*a, **kw):
-            seen["n"] += 1
-            if seen["n"] == k:
-                raise Killed
+            if due():
+                die()
             return orig(*a, **kw)
 
         return step
 
+    steps = [(os, "replace"), (os, "unlink"), (os, "fsync"), *extra]
+    if not mid_write:
+        steps.append((ResumableWriter, "write"))
+    for owner, name in steps:
+        setattr(owner, name, before(getattr(owner, name)))
+    if not mid_write:
+        return
+    real_open, real_write, real_chunk = io.open, os.write, ResumableWriter.write
+
+    def opened(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        writing = isinstance(mode, str) and any(c in mode for c in "wax+")
+        return _TornFile(f, due, die) if writing and not isinstance(file, int) else f
+
+    def os_write(fd, data):
+        if due():
+            real_write(fd, _half(data))
+            die()
+        return real_write(fd, data)
+
+    def torn_chunk(self, start, rows, skipped_rows=()):
+        if due():
+            half = len(rows) // 2
+            self.array[start : start + half] = rows[:half]
+            self.array.flush()
+            die()
+        return real_chunk(self, start, rows, skipped_rows)
+
+    setattr(builtins, "open", opened)
+    setattr(io, "open", opened)
+    setattr(os, "write", os_write)
+    setattr(ResumableWriter, "write", torn_chunk)
+
+
+def _counter(k: int):
+    seen = {"n": 0}
+
+    def due() -> bool:
+        seen["n"] += 1
+        return seen["n"] == k
+
+    return seen, due
+
+
+def run_killed_at(fn, k: int, monkeypatch, extra=(), mid_write=False):
+    """Run ``fn()`` with a kill before its ``k``-th file-system step (os.replace, os.unlink, os.fsync,
+    a resumable chunk write, and ``extra`` (owner, name) pairs); with ``mid_write`` also half-way
+    through each file write (see :func:`_install_steps`); k = 0 never kills.
+    Returns (number of steps seen, killed?)."""
+    seen, due = _counter(k)
+
+    def die():
+        raise Killed
+
     with monkeypatch.context() as m:
-        for owner, name in ((os, "replace"), (os, "unlink"), (os, "fsync"), (ResumableWriter, "write"), *extra):
-            m.setattr(owner, name, wrap(getattr(owner, name)))
+        _install_steps(m.setattr, due, die, extra, mid_write)
         try:
             fn()
         except Killed:
             return seen["n"], True
     return seen["n"], False
+
+
+def run_kill9_at(fn, k: int, extra=(), mid_write=True, timeout_s: int = 60):
+    """Run ``fn()`` in a forked child that gets a real SIGKILL at its ``k``-th step, counted as
+    :func:`run_killed_at` counts them (by default half-way through a write): no ``finally``, no
+    ``with`` exit and no exception handler runs. k = 0 never kills. Returns (steps seen, killed?).
+    ``fn`` must not use torch's thread pools (a fork copies no threads); the child dies by alarm
+    after ``timeout_s``."""
+    import os
+    import signal
+    import traceback
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            signal.alarm(timeout_s)
+            seen, due = _counter(k)
+            write = os.write
+            _install_steps(setattr, due, lambda: os.kill(os.getpid(), signal.SIGKILL), extra, mid_write)
+            fn()
+            write(w, str(seen["n"]).encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL, f"child died of signal {os.WTERMSIG(status)}"
+        return k, True
+    assert os.WEXITSTATUS(status) == 0, "the child failed (its traceback is above)"
+    return int(out), False
 
 
 def train_interrupted_at(fn, epoch: int, monkeypatch) -> None:

@@ -1,8 +1,9 @@
 """A resume verifies what it keeps, and every interrupted state of the feature stages resumes
 (issue 14): rows corrupted in a partial file after a kill are redone, never published; a kill
-before every file-system step of each stage (images, images with a skip, captions, the fastText
-model, the shard merge) leaves nothing a reader takes for finished, and a rerun ends in the same
-bytes as an uninterrupted run, with no partial or temporary file left."""
+before every file-system step, and half-way through every file write (issue 23), of each stage
+(images, images with a skip, captions, the fastText model, the shard merge) leaves nothing a
+reader takes for finished, and a rerun ends in the same bytes as an uninterrupted run, with no
+partial or temporary file left."""
 
 import json
 
@@ -36,11 +37,11 @@ def _reader_sees_nothing_wrong(npy, ref):
 
 def _every_kill(tmp_path, monkeypatch, make, name):
     ref = tmp_path / "ref" / name
-    total, killed = run_killed_at(lambda: make(ref), 0, monkeypatch)
+    total, killed = run_killed_at(lambda: make(ref), 0, monkeypatch, mid_write=True)
     assert not killed and total > 3
     for k in range(1, total + 1):
         npy = tmp_path / f"k{k}" / name
-        _, killed = run_killed_at(lambda npy=npy: make(npy), k, monkeypatch)
+        _, killed = run_killed_at(lambda npy=npy: make(npy), k, monkeypatch, mid_write=True)
         assert killed, k
         _reader_sees_nothing_wrong(npy, ref)
         make(npy)
@@ -87,11 +88,11 @@ def test_every_kill_of_fasttext_training_resumes(small_root, tmp_path, monkeypat
 
     split = load_split(small_root, "val")
     make = lambda d: train_fasttext(split, d, dim=8, epoch=1, bucket=300)  # noqa: E731
-    total, _ = run_killed_at(lambda: make(tmp_path / "ref"), 0, monkeypatch)
+    total, _ = run_killed_at(lambda: make(tmp_path / "ref"), 0, monkeypatch, mid_write=True)
     ref = tmp_path / "ref" / "val_model_fasttext.bin"
     for k in range(1, total + 1):
         d = tmp_path / f"k{k}"
-        assert run_killed_at(lambda d=d: make(d), k, monkeypatch)[1]
+        assert run_killed_at(lambda d=d: make(d), k, monkeypatch, mid_write=True)[1]
         path = make(d)
         assert path.read_bytes() == ref.read_bytes(), k
         assert json.loads(path.with_suffix(".json").read_text())["job"] == json.loads(
