@@ -9,13 +9,17 @@ open runs here and nowhere else. The checks, each made here only:
 - features fit the checkpoint's encoders, and a scored split shares no image with the training
   split (:meth:`Run.embed`, which builds a split's embeddings + Faiss indexes through
   :mod:`crossmodal.outputs`, skipped when fresh);
-- embeddings were made from the checkpoint the run holds now (its digest), and their caption rows
-  belong to embedded images (:meth:`Run.embeddings`); indexes hold the embeddings' count and
-  dimension (:meth:`Run.index`);
+- embeddings were made from the checkpoint and the feature files the run and features folder hold
+  now (their digests), and their caption rows belong to embedded images (:meth:`Run.embeddings`);
+  indexes hold the embeddings' count and dimension (:meth:`Run.index`);
 - the features the embeddings name still exist and fit the checkpoint, the heads applied to them
   reproduce the embeddings, and the encoders rebuilt from their sidecars are the ones that made
   them (:meth:`Run.member`, :class:`Member`);
-- the embedded ids are in the COCO split being shown (:func:`check_in_split`).
+- the embedded ids are in the COCO split being shown, and its images and captions are the ones
+  the features were made from (:meth:`Scored.check_split`).
+
+The read-time checks themselves live in :mod:`crossmodal.run_checks`; each refuses in one line
+naming the stage to rerun.
 
 Several runs open together as one :class:`Scored` (:func:`open_runs`): an ensemble when more
 than one (:mod:`crossmodal.ensemble` combines them).

@@ -223,9 +223,13 @@ def test_scoring_a_pipeline_output_opens_its_best_model(tree, caplog):
 # --- 5: scores never use the index -------------------------------------------------------------
 
 
-def test_scores_are_exact_when_the_gallery_index_is_a_poor_ivf(tree):
+def test_scores_are_exact_when_the_gallery_index_is_a_poor_ivf_or_wrong(tree):
     """README: "scores never use the index". With an IVF index at nprobe 1 (whose top-1 differs from
-    the exact one), the metrics equal a plain full-matrix computation on the embeddings."""
+    the exact one), the metrics equal a plain full-matrix computation on the embeddings; and with the
+    index replaced by one over shifted rows (accepted: its digest put in the sidecar), only the
+    top-k lists change, never a metric."""
+    from crossmodal.index import save_index
+    from crossmodal.outputs import file_record
     from crossmodal.retrieve import run_metrics
     from crossmodal.runs import Run
 
@@ -237,7 +241,21 @@ def test_scores_are_exact_when_the_gallery_index_is_a_poor_ivf(tree):
     assert (I[:, 0] != exact_top1).any(), "the index must be approximate for this test to mean anything"
     sims = txt @ img.T  # (N_cap, N_img): caption -> images; the relevant image of caption c is rows[c]
     rank = (sims > sims[np.arange(len(txt)), rows][:, None]).sum(axis=1)  # 0-based rank of the true image
-    rec = run_metrics(["--run", str(tree["run"]), "--split", "val", "--k", "1"], "text2img")
+    args = ["--run", str(tree["run"]), "--split", "val", "--k", "5"]
+    rec = run_metrics(args, "text2img")
     for k in (1, 5, 10):
         assert rec[f"text2img_R@{k}"] == pytest.approx(100 * (rank < k).mean())
     assert rec["text2img_P@1"] == pytest.approx((rank == 0).mean())
+    top = tree["run"] / "retrieval" / "val_text2img_full_top5_I.npy"
+    lists = np.load(top)
+
+    index = tree["run"] / "embeddings" / "val_emb_img.faiss"  # a wrong index: every row names its neighbour
+    save_index(build_index(np.roll(img, 1, axis=0), "flat"), index)
+    side = index.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["files"][index.name] = file_record(index)
+    side.write_text(json.dumps(meta))
+    again = run_metrics(args, "text2img")  # its inputs (the index) changed: scored again
+    assert not np.array_equal(np.load(top), lists)  # the lists come from the index...
+    assert {k: v for k, v in again.items() if k.startswith("text2img_")} == \
+        {k: v for k, v in rec.items() if k.startswith("text2img_")}  # ...the metrics never
