@@ -93,8 +93,10 @@ def _job(kind: str, enc: dict, split: CaptionSplit, ids: np.ndarray, rows: tuple
 
 def _rebuild_on(job: dict) -> tuple[str, ...]:
     """Job keys whose change means the inputs moved (rebuild, logged) rather than other settings
-    (refused without --force): the data, and a fastText model this project trained on the captions."""
-    return ("data", "weights") if job["weights"].get("source") == "trained" else ("data",)
+    (refused without --force): the data (images or captions changed, added or removed: the rows and
+    ids a split's output file covers follow its data), and a fastText model this project trained."""
+    data = ("data", "rows", "ids")
+    return (*data, "weights") if job["weights"].get("source") == "trained" else data
 
 
 class _Job:

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FeatureError
+
+log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_CHOICES = ("auto", *INDEX_KINDS)  # what --index accepts: a kind, or the rule by size
@@ -136,5 +139,60 @@ def load_index(path: str | Path, expect_ntotal: int | None = None):
 
 
 def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k``: ``D`` (Q, k) scores and ``I`` (Q, k) gallery rows, best first."""
-    return index.search(np.ascontiguousarray(xq, dtype=np.float32), min(k, index.ntotal))
+    """Top-``k``: ``D`` (Q, k') scores and ``I`` (Q, k') gallery rows, best first, ``k' = min(k, ntotal)``.
+
+    Never Faiss's filler (row -1, score -3.4e38): queries an IVF (HNSW) index answers with fewer
+    than ``k'`` rows (their ``nprobe`` cells, or ``efSearch`` candidates, hold too few vectors) are
+    searched again with every cell (``efSearch`` >= the gallery), said in one logged line; rows
+    still incomplete after that drop the columns no query fills (fewer results, said too)."""
+    k = min(k, index.ntotal)
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    D, I = index.search(xq, k)
+    short = (I < 0).any(axis=1)
+    if not short.any():
+        return D, I
+    wider = _wider_search(index)
+    if wider is not None:
+        params, how = wider
+        D2, I2 = index.search(xq[short], k, params=params)
+        D, I = D.copy(), I.copy()
+        D[short], I[short] = D2, I2
+        _say_once(index, "widened", f"Faiss index ({describe(index)['type']}): {int(short.sum())} of {len(xq)} "
+                         f"queries had fewer than {k} results at {how}: searched again with {_wide_words(index)} "
+                         "(raise --nprobe / --ef-search in get_features_captions.py to avoid it)")
+    filled = int((I >= 0).all(axis=0).sum()) if (I < 0).any() else k
+    if filled < k:
+        _say_once(index, "cut", f"Faiss index ({describe(index)['type']}) returned only {filled} of the {k} "
+                         "results asked for: the lists are cut to those")
+        D, I = D[:, :filled], I[:, :filled]
+    return D, I
+
+
+def _wider_search(index):
+    """Search parameters that visit the whole gallery: every IVF cell, or an HNSW ``efSearch`` as
+    large as the gallery; with a description of the current ones. None for an exact index."""
+    import faiss
+
+    if isinstance(index, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(nprobe=int(index.nlist)), f"nprobe {index.nprobe} of {index.nlist} cells"
+    if isinstance(index, faiss.IndexHNSW):
+        return (faiss.SearchParametersHNSW(efSearch=max(int(index.ntotal), int(index.hnsw.efSearch))),
+                f"efSearch {index.hnsw.efSearch}")
+    return None
+
+
+def _wide_words(index) -> str:
+    import faiss
+
+    return f"all {index.nlist} cells" if isinstance(index, faiss.IndexIVF) else f"efSearch {index.ntotal}"
+
+
+_SAID: set = set()
+
+
+def _say_once(index, what: str, line: str) -> None:
+    """Log ``line`` once per index object and kind of message (a server's every query would repeat it)."""
+    key = (id(index), what)
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning("%s", line)

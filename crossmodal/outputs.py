@@ -64,6 +64,38 @@ def json_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def ids_digest(*arrays) -> str:
+    """Short digest of id arrays: identifies the rows a job covers without listing them."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def rows_digest(meta: dict) -> str:
+    """Digest of a sidecar's per-row id lists (``ids``, and ``image_ids`` for captions), in order."""
+    return ids_digest(*(meta[k] for k in ("ids", "image_ids") if isinstance(meta.get(k), list)))
+
+
+def id_lists_problem(meta: dict) -> str | None:
+    """None when a sidecar's per-row id lists are the ones its rows were published with; else why
+    not (one phrase). Readers refuse such a file (:func:`crossmodal.store.load_features`), so
+    :func:`check` never calls it up to date."""
+    for key in ("ids", "image_ids", "skipped_ids"):
+        if key in meta and not (isinstance(meta[key], list) and all(type(i) is int and 0 <= i < 2**63
+                                                                    for i in meta[key])):
+            return f"lists {key} that are not integers from 0 to 2^63-1"
+    job = meta.get("job") if isinstance(meta.get("job"), dict) else {}
+    if "rows_sha256" in meta:  # recorded at publication
+        bad = meta["rows_sha256"] != rows_digest(meta)
+    else:  # older sidecars: the job's digest of the ids it covers
+        bad = isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids") and \
+            isinstance(meta.get("ids"), list) and job["ids"] != ids_digest(meta["ids"])
+    return "holds id lists that are not the ones its rows were made with (edited or reordered)" if bad else None
+
+
 def file_record(path: str | Path) -> dict:
     """What a sidecar records of a published file: digest, size and modification time."""
     st = os.stat(path)
@@ -289,7 +321,8 @@ def check(sidecar: str | Path, job: dict, force: bool = False, what: str | None 
     meta = read_sidecar(sidecar)
     if meta is None:
         return False
-    problem = verify_files(sidecar, meta, full)
+    rows = id_lists_problem(meta)  # a file its readers would refuse is not finished either
+    problem = verify_files(sidecar, meta, full) or (f"its sidecar {rows}" if rows else None)
     if problem:
         log.warning("%s is not a finished output (%s): it will be made again", what, problem)
         return False

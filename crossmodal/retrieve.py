@@ -38,7 +38,7 @@ from .protocols import (
     published_rows,
     table_notes,
 )
-from .runs import check_in_split, open_runs
+from .runs import open_runs
 from .store import safe_split_name
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def _figures(a, scored) -> list[Path]:
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
-    check_in_split(split, img_ids, cap_ids, scored.label, a.split)
+    scored.check_split(split, a.coco_root)  # its ids, and the data its features were made from
     img_file = {int(i): k for k, i in enumerate(split.image_ids)}
     rng = np.random.default_rng(a.seed)
     written = []

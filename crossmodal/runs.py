@@ -9,13 +9,17 @@ open runs here and nowhere else. The checks, each made here only:
 - features fit the checkpoint's encoders, and a scored split shares no image with the training
   split (:meth:`Run.embed`, which builds a split's embeddings + Faiss indexes through
   :mod:`crossmodal.outputs`, skipped when fresh);
-- embeddings were made from the checkpoint the run holds now (its digest), and their caption rows
-  belong to embedded images (:meth:`Run.embeddings`); indexes hold the embeddings' count and
-  dimension (:meth:`Run.index`);
+- embeddings were made from the checkpoint and the feature files the run and features folder hold
+  now (their digests), and their caption rows belong to embedded images (:meth:`Run.embeddings`);
+  indexes hold the embeddings' count and dimension (:meth:`Run.index`);
 - the features the embeddings name still exist and fit the checkpoint, the heads applied to them
   reproduce the embeddings, and the encoders rebuilt from their sidecars are the ones that made
   them (:meth:`Run.member`, :class:`Member`);
-- the embedded ids are in the COCO split being shown (:func:`check_in_split`).
+- the embedded ids are in the COCO split being shown, and its images and captions are the ones
+  the features were made from (:meth:`Scored.check_split`).
+
+The read-time checks themselves live in :mod:`crossmodal.run_checks`; each refuses in one line
+naming the stage to rerun.
 
 Several runs open together as one :class:`Scored` (:func:`open_runs`): an ensemble when more
 than one (:mod:`crossmodal.ensemble` combines them).
@@ -40,6 +44,7 @@ from .ensemble import StackedEncoder, StackedHead, combine, ensemble_dir
 from .errors import DataError, FeatureError, ModelError
 from .index import build_index, describe, index_bytes, load_index, resolve_kind, stale_on
 from .outputs import check, diff, locked, publish, read_sidecar, save_npy, tmp_path, write_bytes
+from .run_checks import check_embeddings_inputs, check_in_split, check_reproduces, check_split_data
 from .run_state import check_disjoint, feature_digest
 from .store import feature_path, file_digest, load_features, read_meta, rows_digest, safe_split_name, sidecar_path
 
@@ -192,19 +197,15 @@ class Run:
         """``(img (N_img, d), text (N_cap, d), cap_img_rows (N_cap,), img_meta, text_meta)``.
 
         Refuses embeddings whose files do not match their sidecars, or that were made from another
-        checkpoint than the one the run folder holds now (the run was retrained since)."""
+        checkpoint or other features than the run folder and feature files hold now (retrained, or
+        features rebuilt since: :func:`crossmodal.run_checks.check_embeddings_inputs`)."""
         from .coco import rows_of
 
         p = embedding_paths(self.dir, split)
         img, im = load_features(p["img"])
         txt, tm = load_features(p["text"])
-        for meta, path in ((im, p["img"]), (tm, p["text"])):
-            ck = self.dir / str(meta.get("checkpoint", "best.pt"))
-            want = (meta.get("job") or {}).get("inputs", {}).get("checkpoint")
-            if not ck.is_file() or file_digest(ck) != want:
-                raise FeatureError(f"embeddings {path} were made from another checkpoint than {ck} holds now "
-                                   f"(retrained since?): rerun get_features_captions.py --run {self.dir} "
-                                   f"--split {split}")
+        for meta, path, kind in ((im, p["img"], "img"), (tm, p["text"], "text")):
+            check_embeddings_inputs(self.dir, split, meta, path, kind)  # checkpoint and features as they were
         img_ids, cap_img_ids = np.asarray(im["ids"], dtype=np.int64), np.asarray(tm["image_ids"], dtype=np.int64)
         lacking = np.setdiff1d(cap_img_ids, img_ids)
         if len(lacking):
@@ -239,8 +240,8 @@ class Run:
         (img_f, img_fm), (txt_f, txt_fm) = (self._features_of(im.get("features"), "image"),
                                             self._features_of(tm.get("features"), "caption"))
         check_features_fit(ck, img_fm, txt_fm, f"({img_f}, {txt_f})")
-        _check_reproduces(img_head, img_f, im, img, "image")
-        _check_reproduces(txt_head, txt_f, tm, txt, "caption")
+        check_reproduces(img_head, img_f, im, img, "image")
+        check_reproduces(txt_head, txt_f, tm, txt, "caption")
         return Member(self, im["checkpoint"], ck, img_head, txt_head, img_f, img_fm, txt_f, txt_fm)
 
     def _features_of(self, recorded: str | None, what: str) -> tuple[Path, dict]:
@@ -274,35 +275,6 @@ class Member:
         return image_encoder_from_sidecar(self.img_meta, detector_weights, f"of {self.run.dir} ")
 
 
-def _check_reproduces(head, feat_path: Path, emb_meta: dict, emb: np.ndarray, what: str, n: int = 8) -> None:
-    """The checkpoint's head applied to a few rows of the features must give the stored embeddings."""
-    import torch
-
-    feats, fmeta = load_features(feat_path)
-    pos = {int(i): r for r, i in enumerate(fmeta["ids"])}
-    rows = np.linspace(0, len(emb) - 1, min(n, len(emb))).astype(int)
-    try:
-        frows = [pos[int(emb_meta["ids"][r])] for r in rows]
-    except KeyError:
-        raise FeatureError(f"the {what} embeddings list ids that {feat_path} does not have") from None
-    with torch.inference_mode():
-        got = head(torch.from_numpy(np.array(feats[frows], dtype=np.float32))).numpy()
-    if not np.allclose(got, emb[rows], atol=1e-3):
-        raise FeatureError(f"the {what} embeddings do not come from this checkpoint's head applied to {feat_path} "
-                           f"(max difference {np.abs(got - emb[rows]).max():.3g}): rerun get_features_captions.py")
-
-
-def check_in_split(split, img_ids, cap_ids, where: str, split_name: str) -> None:
-    """Refuse embeddings (of ``where``) whose image or caption ids the loaded COCO ``split`` lacks."""
-    missing = np.setdiff1d(np.asarray(img_ids, dtype=np.int64), split.image_ids)
-    known = set(split.caption_ids.tolist())
-    missing_caps = [c for c in np.asarray(cap_ids).tolist() if c not in known]
-    if len(missing) or missing_caps:
-        raise DataError(f"the embeddings of {where} list {len(missing)} image ids and {len(missing_caps)} "
-                        f"caption ids that split {split_name!r} of {split.source} does not have (first: "
-                        f"{(missing.tolist() + missing_caps)[:5]}): wrong --coco-root or --split?")
-
-
 @dataclass
 class Scored:
     """One run, or an ensemble of runs, of one split: what scoring, figures and the server work on.
@@ -328,6 +300,15 @@ class Scored:
         emb = self.emb[0] if gallery == "img" else self.emb[1]
         return build_index(emb, "flat") if self.is_ensemble else self.runs[0].index(self.split, gallery, len(emb),
                                                                                        emb.shape[1])
+
+    def check_split(self, split, coco_root) -> None:
+        """Refuse these embeddings for ``split`` (the :class:`crossmodal.coco.CaptionSplit` being shown,
+        loaded from ``coco_root``) unless it holds their ids, and the images and captions their
+        features were made from (:func:`crossmodal.run_checks.check_split_data`)."""
+        img_ids, cap_ids = self.emb[3]["ids"], self.emb[4]["ids"]
+        check_in_split(split, img_ids, cap_ids, self.label if self.is_ensemble else str(self.folder), self.split)
+        for run, part in zip(self.runs, self.parts, strict=True):
+            check_split_data(run.dir, self.split, (part[3], part[4]), split, coco_root)
 
     def members(self) -> list[Member]:
         """Each run's :class:`Member` (checked) behind these embeddings."""
@@ -379,11 +360,14 @@ class Scored:
 
 
 @contextlib.contextmanager
-def open_runs(runs, split: str, out: str | Path | None = None, resolve: bool = False):
+def open_runs(runs, split: str, out: str | Path | None = None):
     """Hold every run's shared lock (no retraining meanwhile) and yield a :class:`Scored` for their
     embeddings of ``split``: one run as it is, several combined by :func:`crossmodal.ensemble.combine`.
-    ``resolve``: a pipeline output stands for its best model (:meth:`Run.resolve`)."""
-    opened = [Run.resolve(r) if resolve else Run(r) for r in runs]
+    A pipeline output stands for its best model (:meth:`Run.resolve`, logged)."""
+    opened = [Run.resolve(r) for r in runs]
+    for given, r in zip(runs, opened, strict=True):
+        if r.chosen != "given":
+            log.info("--run %s: %s, %s", given, r.chosen, r.dir)
     seen = [r.dir.resolve() for r in opened]
     dupes = sorted({str(r.dir) for r in opened if seen.count(r.dir.resolve()) > 1})
     if dupes:

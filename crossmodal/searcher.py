@@ -84,10 +84,10 @@ class Searcher:
         :mod:`crossmodal.runs`; raises the project's errors (one line each) on a misfit."""
         from .coco import load_split
         from .index import describe
-        from .runs import check_in_split, open_runs
+        from .runs import open_runs
 
         runs = [run] if isinstance(run, str | Path) else list(run)
-        with open_runs(runs, split, resolve=True) as scored:  # no retraining while it loads
+        with open_runs(runs, split) as scored:  # no retraining while it loads
             members = scored.members()
             img_index, txt_index = scored.index("img"), scored.index("text")
             text_encoder, txt_head, image_encoder, img_head = scored.query_side(members, True, detector_weights)
@@ -95,7 +95,7 @@ class Searcher:
         img_ids = np.asarray(im["ids"], dtype=np.int64)
         cap_ids = np.asarray(tm["ids"], dtype=np.int64)
         sp = load_split(coco_root, split, karpathy_file, skip_bad=True)
-        check_in_split(sp, img_ids, cap_ids, scored.label if scored.is_ensemble else str(scored.folder), split)
+        scored.check_split(sp, coco_root)  # its ids, and the data its features were made from, as it is now
         text_of = dict(zip(sp.caption_ids.tolist(), sp.captions, strict=True))
         file_of = {int(i): sp.image_path(r) for r, i in enumerate(sp.image_ids)}
         gallery = Gallery(img_ids=img_ids, cap_ids=cap_ids, cap_img_ids=np.asarray(tm["image_ids"], dtype=np.int64),

@@ -27,10 +27,13 @@ import numpy as np
 from .errors import FeatureError
 from .outputs import (
     file_digest,  # noqa: F401 (re-exported: the digest used across stages)
+    id_lists_problem,
+    ids_digest,  # noqa: F401 (re-exported: its old home)
     publish,
     read_sidecar,
     remove,
     reserve,
+    rows_digest,
     save_npy,
     tmp_path,
     verify_files,
@@ -67,16 +70,6 @@ def sidecar_path(npy: str | Path) -> Path:
     return Path(npy).with_suffix(".json")
 
 
-def ids_digest(*arrays) -> str:
-    """Short digest of id arrays: identifies the rows a job covers without listing them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(np.asarray(a, dtype=np.int64)).tobytes())
-    return h.hexdigest()[:16]
-
-
 def save_features(npy: str | Path, array: np.ndarray, meta: dict) -> dict:
     """Publish ``array`` (N, D) as float32 with its sidecar; returns the sidecar. The caller
     holds the output's lock (:func:`crossmodal.outputs.locked`)."""
@@ -99,29 +92,15 @@ def _complete_meta(meta: dict, shape) -> dict:
     return meta
 
 
-def rows_digest(meta: dict) -> str:
-    """Digest of a sidecar's per-row id lists (``ids``, and ``image_ids`` for captions), in order."""
-    return ids_digest(*(meta[k] for k in ("ids", "image_ids") if isinstance(meta.get(k), list)))
-
-
 def _check_rows(npy: Path, meta: dict) -> None:
     """Refuse id lists that are not the ones the array was published with (reordered, edited)."""
-    job = meta.get("job") if isinstance(meta.get("job"), dict) else {}
-    for key in ("ids", "image_ids"):
-        if key in meta and not all(type(i) is int and 0 <= i < 2**63 for i in meta[key]):
-            raise FeatureError(f"the sidecar of {npy} lists {key} that are not integers from 0 to 2^63-1; re-run its "
-                               "stage")
-    if not all(type(i) is int and 0 <= i < 2**63 for i in meta.get("skipped_ids") or []):
-        raise FeatureError(f"the sidecar of {npy} lists skipped_ids that are not integers from 0 to 2^63-1; re-run "
-                           "its stage")
-    if "rows_sha256" in meta:  # recorded at publication
-        bad = meta["rows_sha256"] != rows_digest(meta)
-    else:  # older sidecars: the job's digest of the ids it covers
-        bad = isinstance(job.get("ids"), str) and "rows" in job and not meta.get("skipped_ids") and \
-            job["ids"] != ids_digest(meta["ids"])
-    if bad:
+    problem = id_lists_problem(meta)
+    if problem and problem.startswith("holds"):
         raise FeatureError(f"the id lists in the sidecar of {npy} are not the ones its rows were made with (edited or "
-                           "reordered): rows and ids would be mismatched; re-run the stage that makes it with --force")
+                           "reordered): rows and ids would be mismatched; re-run the stage that makes it (it redoes "
+                           "the file)")
+    if problem:
+        raise FeatureError(f"the sidecar of {npy} {problem}; re-run its stage")
 
 
 def check_finite(array: np.ndarray, ids, what) -> None:

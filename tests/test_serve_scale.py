@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import crossmodal.index as index_mod
-from crossmodal.index import AUTO_IVF_FROM, auto_kind, build_index, describe, resolve_kind, search
+from crossmodal.index import auto_kind, build_index, describe, resolve_kind, search
 from crossmodal.serve import Searcher, create_app
 from tests.test_serve import run_copy, serve_run_dir  # noqa: F401 (fixtures)
 
@@ -29,7 +29,13 @@ def _clustered(n: int, d: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def test_auto_index_kind_by_gallery_size():
-    assert auto_kind(AUTO_IVF_FROM - 1) == "flat" and auto_kind(AUTO_IVF_FROM) == "ivf"
+    # the documented rule, as literals (README, get_features_captions.py --help): flat below 100,000
+    # vectors, IVF from there; not the constant itself, which a change would move with the test
+    assert auto_kind(99_999) == "flat" and auto_kind(100_000) == "ivf"
+    assert resolve_kind("auto", 99_999) == "flat" and resolve_kind("auto", 100_000) == "ivf"
+    from crossmodal.embed import parser
+
+    assert "flat (exact) below 100,000 vectors, ivf from there" in " ".join(parser().format_help().split())
     assert auto_kind(25_000) == "flat"  # a 5K split's captions stay exact
     assert auto_kind(123_287) == "ivf" and auto_kind(616_767) == "ivf"  # full COCO's images and captions
     assert resolve_kind("hnsw", 10) == "hnsw" and resolve_kind("flat", 10**7) == "flat"  # a kind asked for is kept
