@@ -388,3 +388,33 @@ def test_thumbnails_of_a_run_on_read_only_storage(serve_run_dir, tmp_path, monke
     assert "cannot be written" in caplog.text
     assert len(list((tmp_path / "home_cache" / "crossmodal" / "thumbs").rglob("*.jpg"))) == 3
     assert not (tmp_path / "ro").exists()
+
+
+def test_a_full_disk_line_of_the_scripts_names_the_free_space(tmp_path):
+    from crossmodal.cli import os_error_line
+
+    line = os_error_line(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "f" / "x.npy")))
+    assert str(tmp_path / "f" / "x.npy") in line and re_search(r"\(\d+\.\d MB free there\)", line)
+
+
+def test_a_full_disk_while_a_figure_is_saved_names_it(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from crossmodal.figures import _save
+    from crossmodal.outputs import DiskFullError
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    import matplotlib.pyplot as plt
+
+    with pytest.raises(DiskFullError, match=r"writing .*pr\.png.* MB free"):
+        _save(plt.figure(), tmp_path / "pr.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text)
