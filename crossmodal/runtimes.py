@@ -4,7 +4,14 @@ An encoder's PyTorch module is exported once to ONNX (``torch.onnx.export``) and
 Runtime or OpenVINO (which reads the same export) on the CPU. The export is an output like any
 other (:mod:`crossmodal.outputs`): locked while it is made, published whole with a sidecar, and
 identified by its *job*: the digest of the weights it was made from (:func:`weights_digest`), its
-inputs, opset and exporter version, and its precision. It lives in the cache folder
+inputs, opset and exporter version, and its precision. Where it is used it is identified by its
+content: a session hashes the bytes it loads (:mod:`crossmodal.runtime_sessions`), an export whose
+bytes are not the ones recorded when it was made (edited in place, even with its size and mtime
+kept) is made again (logged), and the feature sidecar records the digest of the bytes that ran.
+Concurrent runs (shards) wait for the one making an export, so all of them run the same runtime.
+A cache that cannot be written (read-only, full): ``auto`` encodes with PyTorch (logged), an
+explicit runtime is one line naming the path and the space needed; a finished export in a
+read-only cache is used as it is. It lives in the cache folder
 (:func:`cache_dir`: ``$XDG_CACHE_HOME/crossmodal`` or ``~/.cache/crossmodal``, or the folder a
 caller gives), under ``onnx/``; a second encoder of the same weights reuses it, other weights get
 another file. OpenVINO compiles the export in memory when a session opens (about a second).

@@ -20,6 +20,7 @@ import builtins
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import threading
@@ -174,6 +175,13 @@ def test_the_sidecar_records_the_digest_of_the_bytes_that_ran(tmp_path, monkeypa
     rec = again.extra_meta()["runtime"]
     assert rec["export_sha256_16"] == again.session.sha256_16 == _sha16(again.export) == enc.session.sha256_16
     assert edited and edited[0] != rec["export_sha256_16"]
+    # the export republished by another process while this one runs the old bytes: the record
+    # still names what ran here, not what the export's sidecar says now
+    side = again.export.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["files"][again.export.name]["sha256"] = "0123456789abcdef"
+    side.write_text(json.dumps(meta))
+    assert again.extra_meta()["runtime"]["export_sha256_16"] == again.session.sha256_16 != "0123456789abcdef"
 
 
 class _Mlp(torch.nn.Module):
