@@ -310,6 +310,17 @@ _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
+def _free_space(path) -> str:
+    """`` (12.3 MB free there)`` for the file system of ``path``, or '' when unknown."""
+    import shutil
+
+    try:
+        where = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        return f" ({shutil.disk_usage(where).free / 1e6:.1f} MB free there)"
+    except (OSError, StopIteration, TypeError, ValueError):
+        return ""
+
+
 def os_error_line(e: OSError) -> str | None:
     """One line for an OS error a user can fix (disk full, permission, missing path), naming the
     file; None for anything else (a bug: it keeps its traceback)."""
@@ -317,7 +328,8 @@ def os_error_line(e: OSError) -> str | None:
     where = f"{name}" + (f" -> {e.filename2}" if e.filename2 else "") if name is not None else None
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the device while writing {where or 'an output file'}: free some space and rerun"
+        return (f"no space left on the device while writing {where or 'an output file'}{_free_space(name)}: free some "
+                "space and rerun")
     if e.errno in _ENV_ERRNOS and where:
         return f"{where}: {reason}"
     if e.errno in _ENV_ERRNOS and isinstance(e, PermissionError):

@@ -13,9 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import queue
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +23,11 @@ from tqdm import tqdm
 
 from .cli import code_version
 from .coco import CaptionSplit, load_image
+from .decode_ahead import Ahead
 from .errors import DataError, FeatureError
 from .outputs import check, locked
 from .perf import keep_freed_memory
+from .runtimes import runtime_identity
 from .store import ResumableWriter, check_finite, ids_digest, load_features, read_meta, save_features, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,28 @@ class _Job:
                 ResumableWriter.discard(self.npy)  # leftovers of a run killed after it published
                 return self
             self.writer = ResumableWriter(self.npy, self.stop - self.start, self.dim, self.job, fresh=self.force)
+            self._one_runtime()
         except BaseException:
             self._lock.__exit__(*sys.exc_info())
             raise
         if self.writer.done:
             log.info("resuming %s at row %d of %d", self.npy, self.writer.done, self.stop - self.start)
         return self
+
+    def _one_runtime(self) -> None:
+        """One runtime per output: rows an interrupted run encoded with another runtime (ONNX Runtime
+        then PyTorch, another export) are not continued, whose vectors differ in their last bits; the
+        work starts over (logged), so the sidecar's runtime is the one that made every row."""
+        now = runtime_identity(self.meta.get("runtime"))
+        was = self.writer.layout.get("runtime")
+        if self.writer.done and was != now:
+            log.warning("%s: rows 0-%d were encoded by %s, this run encodes with %s: starting over (one runtime per "
+                        "output)", self.npy, self.writer.done - 1, _runtime_words(was), _runtime_words(now))
+            del self.writer.array
+            self.writer = ResumableWriter(self.npy, self.stop - self.start, self.dim, self.job, fresh=True)
+        self.writer.layout = {k: v for k, v in self.writer.layout.items() if k != "runtime"}
+        if now is not None:  # encoders without a runtime record (test stand-ins) record none
+            self.writer.layout["runtime"] = now
 
     def _up_to_date(self) -> bool:
         what = f"feature file {self.npy}"
@@ -151,6 +167,14 @@ class _Job:
     def progress_bar(self, unit: str, desc: str, enabled: bool):
         return tqdm(total=self.stop - self.start, initial=self.writer.done, unit=unit, desc=desc,
                     disable=not enabled, mininterval=2, smoothing=0.1)
+
+
+def _runtime_words(identity: dict | None) -> str:
+    """``onnxruntime 1.20.1 (export 1a2b...)``, ``torch 2.5.1``, or ``an unrecorded runtime``."""
+    if not isinstance(identity, dict):
+        return "an unrecorded runtime"
+    export = f" (export {identity['export_sha256_16']})" if identity.get("export_sha256_16") else ""
+    return f"{identity.get('name')} {identity.get('version')}{export}"
 
 
 def _meta(job: dict, split: CaptionSplit) -> dict:
@@ -182,55 +206,6 @@ def _one_thread(_worker_id: int) -> None:
 
 def _collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
-
-
-class _Ahead:
-    """Iterate ``batches`` in a background thread, at most ``depth`` items ahead of the consumer,
-    so that decoding the next batch overlaps the encoder on this one (Pillow's decoding and
-    resizing, numpy and the runtimes release the GIL). Items come in order; an exception of the
-    iteration is raised in the consumer at its place. As a context manager: leaving it (also by
-    an exception) stops the thread after at most the batch it is decoding."""
-
-    _END = object()
-
-    def __init__(self, batches, depth: int):
-        self._queue, self._stop = queue.Queue(max(1, depth)), threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(batches,), name="image-decoding", daemon=True)
-
-    def _fill(self, batches) -> None:
-        try:
-            for item in batches:
-                if not self._put((item, None)):
-                    return
-            self._put((self._END, None))
-        except BaseException as e:  # handed to the consumer, raised there
-            self._put((None, e))
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __iter__(self):
-        while True:
-            item, error = self._queue.get()
-            if error is not None:
-                raise error
-            if item is self._END:
-                return
-            yield item
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def extract_images(
@@ -266,7 +241,7 @@ def _kept_batch_size(writer: ResumableWriter, batch_size: int) -> int:
     if type(old) is int and old > 0 and old != batch_size:  # noqa: E721 (a bool is not a size)
         log.info("%s resumes with batch size %d, as the run it continues (not %d)", writer.npy, old, batch_size)
         batch_size = old
-    writer.layout = {"batch_size": batch_size}
+    writer.layout = {**writer.layout, "batch_size": batch_size}
     return batch_size
 
 
@@ -288,7 +263,7 @@ def _encode_images(j: _Job, split, encoder, batch_size, workers, device, skip_ba
                         worker_init_fn=_one_thread, pin_memory=device.type == "cuda")
     n_skipped = len(writer.skipped)
     bar = j.progress_bar("img", f"{encoder.name} {split.name}", progress)
-    batches = _Ahead(loader, prefetch) if prefetch > 0 and workers == 0 else contextlib.nullcontext(loader)
+    batches = Ahead(loader, prefetch) if prefetch > 0 and workers == 0 else contextlib.nullcontext(loader)
     per_chunk, chunk, skipped = batches_per_chunk(j.stop - j.start, batch_size), [], []
     with torch.inference_mode(), batches as loaded:
         for images, errors in loaded:
@@ -361,6 +336,12 @@ def merge_shards(npy: Path, num_shards: int, split: CaptionSplit, kind: str, for
             if {k: v for k, v in m["job"].items() if k not in ("rows", "ids", "data")} != base:
                 raise FeatureError(f"cannot merge: {p} was made by a different encoder, settings or split than "
                                    f"{parts[0]}")
+        runtimes = [runtime_identity(m.get("runtime")) for m in metas]
+        if any(r != runtimes[0] for r in runtimes):
+            k = next(i for i, r in enumerate(runtimes) if r != runtimes[0])
+            raise FeatureError(f"cannot merge: {parts[0]} was encoded by {_runtime_words(runtimes[0])}, {parts[k]} by "
+                               f"{_runtime_words(runtimes[k])} (one runtime per output: their vectors differ in the "
+                               "last bits); run the shards again with one --runtime and --force")
         rows = [m["job"]["rows"] for m in metas]
         if rows[0][0] != 0 or any(a[1] != b[0] for a, b in zip(rows, rows[1:], strict=False)):
             raise FeatureError(f"cannot merge: shard rows {rows} are not contiguous from 0")

@@ -22,8 +22,11 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")  # published whole: a reader never sees half a PNG
+    from .outputs import disk_errors
+
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with disk_errors(path):  # a full disk names the figure (matplotlib's write error names nothing)
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)

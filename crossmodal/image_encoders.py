@@ -151,7 +151,7 @@ class EffNetLite0Regions(nn.Module):
 
         if self.runtime == "torch":
             return {"runtime": runtime_record("torch")}
-        return {"runtime": runtime_record("onnxruntime", "fp32", self.export, self.session.threads)}
+        return {"runtime": runtime_record("onnxruntime", "fp32", session=self.session)}
 
     @property
     def decode_ahead(self) -> int:

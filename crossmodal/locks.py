@@ -1,6 +1,7 @@
 """Locks of outputs (re-exported by :mod:`crossmodal.outputs`): ``fcntl.flock`` on ``<name>.lock``.
 
-A writer holds the lock exclusive for its whole job, a reader shared; nothing waits. A refused
+A writer holds the lock exclusive for its whole job, a reader shared; nothing waits (unless a caller
+gives ``wait``: the ONNX export, which concurrent shards need alike, waits for its maker). A refused
 process gets one line naming the live processes that hold the lock, from the kernel's lock table
 (``/proc/locks``), so a writer that died (its line is left in the file) or a pid since reused by
 another process is never named. The kernel drops a lock with its process: a killed job never
@@ -109,11 +110,28 @@ def _open_lock(lp: Path, flags: int):
     return os.fdopen(fd, "r+" if flags & os.O_RDWR else "r", encoding="utf-8", errors="replace")
 
 
+def _flock(f, shared: bool, wait: float, what) -> None:
+    """flock ``f`` without blocking, retrying for ``wait`` seconds; BlockingIOError when still held."""
+    deadline, said = time.monotonic() + wait, False
+    while True:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                log.info("%s is in use by %s: waiting for it (at most %.0f s)", what, _holder(f), wait)
+                said = True
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
-def locked(path: str | Path, shared: bool = False, what: str | None = None):
+def locked(path: str | Path, shared: bool = False, what: str | None = None, wait: float = 0.0):
     """Hold ``path``'s lock (exclusive for a writer, shared for a reader) for the ``with`` block.
 
-    Never waits: when another process holds it in a conflicting mode, raises
+    Waits at most ``wait`` seconds (default: never; a wait is logged once, naming the holder):
+    when another process still holds it in a conflicting mode, raises
     :class:`OutputBusyError` naming the output and the live processes that hold it (from the
     kernel's lock table; a writer's own line when it is still that process). A reader on storage
     it cannot write (read-only mount, another user's folder) locks an existing lock file through
@@ -135,7 +153,7 @@ def locked(path: str | Path, shared: bool = False, what: str | None = None):
             return
     try:
         try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            _flock(f, shared, wait, what or path)
         except BlockingIOError:
             verb = "read" if shared else "written"
             raise OutputBusyError(

@@ -126,8 +126,13 @@ def tmp_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.tmp{path.suffix}")
 
 
-def _needed_mb(nbytes: int | None) -> str:
-    return f", {nbytes / 1e6:.1f} MB needed" if nbytes else ""
+def _needed_mb(nbytes: int | None, path: str | Path | None = None) -> str:
+    """``, 12.3 MB needed, 0.4 MB free`` (what is known of them)."""
+    free = ""
+    with contextlib.suppress(OSError, StopIteration):
+        where = next(p for p in (Path(path), *Path(path).parents) if p.exists()) if path else None
+        free = f", {shutil.disk_usage(where).free / 1e6:.1f} MB free" if where else ""
+    return (f", {nbytes / 1e6:.1f} MB needed" if nbytes else "") + free
 
 
 @contextlib.contextmanager
@@ -137,7 +142,7 @@ def disk_errors(path: str | Path, nbytes: int | None = None):
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"no space left on device writing {path}{_needed_mb(nbytes)}") from None
+            raise DiskFullError(f"no space left on device writing {path}{_needed_mb(nbytes, path)}") from None
         raise
 
 

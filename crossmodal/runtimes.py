@@ -4,7 +4,14 @@ An encoder's PyTorch module is exported once to ONNX (``torch.onnx.export``) and
 Runtime or OpenVINO (which reads the same export) on the CPU. The export is an output like any
 other (:mod:`crossmodal.outputs`): locked while it is made, published whole with a sidecar, and
 identified by its *job*: the digest of the weights it was made from (:func:`weights_digest`), its
-inputs, opset and exporter version, and its precision. It lives in the cache folder
+inputs, opset and exporter version, and its precision. Where it is used it is identified by its
+content: a session hashes the bytes it loads (:mod:`crossmodal.runtime_sessions`), an export whose
+bytes are not the ones recorded when it was made (edited in place, even with its size and mtime
+kept) is made again (logged), and the feature sidecar records the digest of the bytes that ran.
+Concurrent runs (shards) wait for the one making an export, so all of them run the same runtime.
+A cache that cannot be written (read-only, full): ``auto`` encodes with PyTorch (logged), an
+explicit runtime is one line naming the path and the space needed; a finished export in a
+read-only cache is used as it is. It lives in the cache folder
 (:func:`cache_dir`: ``$XDG_CACHE_HOME/crossmodal`` or ``~/.cache/crossmodal``, or the folder a
 caller gives), under ``onnx/``; a second encoder of the same weights reuses it, other weights get
 another file. OpenVINO compiles the export in memory when a session opens (about a second).
@@ -25,17 +32,17 @@ PyTorch (logged; the feature sidecar records which ran, and at what inference pr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import ModelError
+from .runtime_sessions import OrtSession, OvSession  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +132,17 @@ def weights_digest(module) -> str:
     return h.hexdigest()[:16]
 
 
+EXPORT_WAIT_S = 600  # how long a run waits for another process making the same export (shards starting together)
+_STORAGE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+class ExportStorageError(ModelError):
+    """The export cache cannot hold a new export (read-only, not writable, or full)."""
+
+
 def export_onnx(module, example: dict, outputs: list[str], dynamic: dict, tag: str, precision: str = "fp32",
-                folder: str | Path | None = None, digest: str | None = None) -> tuple[Path, dict]:
+                folder: str | Path | None = None, digest: str | None = None, force: bool = False,
+                full: bool = False) -> tuple[Path, dict]:
     """The ONNX export of ``module`` (made now, or reused from the cache): its path and job.
 
     ``module(**example)`` must return the tensor named ``outputs[0]`` (or a model output whose
@@ -134,9 +150,13 @@ def export_onnx(module, example: dict, outputs: list[str], dynamic: dict, tag: s
     ``example`` maps input names to example tensors; ``dynamic`` maps every input and output name
     to its dynamic axes (``{0: "batch", 1: "tokens"}``). ``tag`` names the file
     (``<cache>/onnx/<tag>-<job digest>.onnx``). ``int8`` quantises the fp32 export (dynamic, int8
-    weights). Raises :class:`crossmodal.outputs.OutputBusyError` while another process makes it.
+    weights; the fp32 file is hashed in full first). ``force``: make it again; ``full``: verify a
+    cached export by its whole digest, not its size and mtime. Waits up to ``EXPORT_WAIT_S`` for
+    another process making the same export (then :class:`crossmodal.outputs.OutputBusyError`). A
+    cache that cannot be written (read-only, full) is :class:`ExportStorageError`, naming the
+    path and the space the export needs; a finished export in a read-only cache is still used.
     """
-    from .outputs import check, json_digest, locked, publish, tmp_path
+    from .outputs import json_digest
 
     digest = digest or weights_digest(module)
     names = list(example)
@@ -145,21 +165,59 @@ def export_onnx(module, example: dict, outputs: list[str], dynamic: dict, tag: s
     if precision == "int8":
         job["onnxruntime"] = onnxruntime_version()
     path = cache_dir(folder) / "onnx" / f"{tag}-{json_digest(job)}.onnx"
-    side = path.with_suffix(".json")
-    with locked(path, what=f"ONNX export {path}"):
-        if check(side, job, what=f"ONNX export {path}"):
-            return path, job
-        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _make_export(module, example, outputs, dynamic, tag, precision, folder, digest, job, path, force, full)
+    except (OSError, ExportStorageError) as e:
+        from .outputs import DiskFullError, remove, tmp_path
+
+        if isinstance(e, ExportStorageError) or not (isinstance(e, DiskFullError) or e.errno in _STORAGE_ERRNOS):
+            raise
+        remove(tmp_path(path))
+        raise ExportStorageError(_storage_line(path, module, precision, e)) from None
+    return path, job
+
+
+def _make_export(module, example, outputs, dynamic, tag, precision, folder, digest, job, path, force, full) -> None:
+    from .outputs import OutputBusyError, check, locked, publish, tmp_path
+
+    side, what = path.with_suffix(".json"), f"ONNX export {path}"
+    if not force:  # a finished export is read under a shared lock: it works in a read-only cache too
+        try:
+            with locked(path, shared=True, what=what):
+                if check(side, job, what=what, full=full):
+                    return
+        except OutputBusyError:  # being made now: wait for it below
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path, what=what, wait=EXPORT_WAIT_S):
+        if check(side, job, force, what=what, full=full):
+            return
         tmp = tmp_path(path)
         if precision == "int8":
-            fp32, _ = export_onnx(module, example, outputs, dynamic, tag, "fp32", folder, digest)
+            fp32, _ = export_onnx(module, example, outputs, dynamic, tag, "fp32", folder, digest, full=True)
             log.info("quantising %s to int8 (dynamic) -> %s", fp32.name, path)
             _quantise(fp32, tmp)
         else:
             log.info("exporting %s to ONNX (once per weights) -> %s", tag, path)
             _export(module, example, outputs, dynamic, tmp)
         publish(side, {"job": job, "tag": tag}, {path: tmp})
-    return path, job
+
+
+def _storage_line(path: Path, module, precision: str, e: OSError) -> str:
+    """One line: the export cache cannot be written, with the path, the space needed and free."""
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    need = need * 5 // 4 if precision == "int8" else need  # the fp32 export first, then the int8 one
+    where = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
+    try:
+        free = f", {shutil.disk_usage(where).free / 1e6:.1f} MB free"
+    except OSError:
+        free = ""
+    reason = "no space left on the device" if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+        "no space" in str(e) else (e.strerror or str(e))
+    return (f"the ONNX export cache cannot be written ({reason}): {path} needs about {need / 1e6:.1f} MB{free}; "
+            "give --cache-dir a writable folder (or set XDG_CACHE_HOME), or use --runtime torch")
 
 
 class _Named(torch.nn.Module):
@@ -209,77 +267,49 @@ def _quantise(fp32: Path, out: Path) -> None:
             logging.disable(logging.NOTSET)
 
 
-class OrtSession:
-    """An ONNX Runtime CPU session over an export. ``run(feeds)`` -> the first output (np.ndarray)."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # idle threads sleep instead of spinning: on a shared or busy CPU, spinning threads took the
-        # cores from the working ones (1.2-1.3x faster with it off on 2 loaded cores, bench.text_runtimes)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types for a corrupt or foreign file
-            raise ModelError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-        self.path, self.threads = Path(path), opts.intra_op_num_threads
-        self.inputs = [i.name for i in self.session.get_inputs()]
-
-    def run(self, feeds: dict) -> np.ndarray:
-        return self.session.run(None, {k: np.ascontiguousarray(feeds[k]) for k in self.inputs})[0]
-
-
-class OvSession:
-    """An OpenVINO CPU model compiled from an ONNX export: bf16 matmuls where the CPU has them
-    (``precision``: what OpenVINO chose, ``bf16`` or ``f32``). ``run(feeds)`` -> the first output."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, hint: str | None = None):
-        """``hint``: ``f32`` forces float32 matmuls (the benchmark's comparison); default: bf16
-        where the CPU has it."""
-        import openvino as ov
-
-        core, self.threads = ov.Core(), threads or torch.get_num_threads()
-        hint = hint or ("bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32")
-        try:
-            self.model = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": self.threads,
-                                                               "INFERENCE_PRECISION_HINT": hint,
-                                                               "PERFORMANCE_HINT": "LATENCY"})
-        except Exception as e:  # OpenVINO raises RuntimeError and its own types for a corrupt file
-            raise ModelError(f"OpenVINO cannot load {path}: {str(e).strip().splitlines()[0][:200]}") from None
-        self.path, self.precision = Path(path), self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
-        self.inputs = [i.get_any_name() for i in self.model.inputs]
-        self.request, self.lock = self.model.create_infer_request(), threading.Lock()
-
-    def run(self, feeds: dict) -> np.ndarray:
-        with self.lock:  # one request: one caller at a time (ONNX Runtime's sessions are thread-safe)
-            out = self.request.infer({k: np.ascontiguousarray(feeds[k]) for k in self.inputs})  # copies out
-        return out[self.model.outputs[0]]
-
-
 def start_session(module, example: dict, tag: str, runtime: str = "onnxruntime", precision: str = "fp32",
                   folder: str | Path | None = None, required: bool = True, output: str = "last_hidden_state",
                   axes: dict | None = None) -> tuple[Path | None, object]:
     """Export a module whose first output is ``output`` (default ``last_hidden_state`` (B, T, H))
     (once per weights: :func:`export_onnx`, inputs and output dynamic in ``axes``, default batch
     and tokens: ``{0: "batch", 1: "tokens"}``) and open an :class:`OrtSession` (``runtime``
-    ``onnxruntime``) or :class:`OvSession` (``openvino``) over it. When not ``required`` (runtime
-    ``auto``), a failure is logged and gives ``(None, None)``: the caller runs PyTorch, and its
-    sidecar says so."""
+    ``onnxruntime``) or :class:`OvSession` (``openvino``) over it. The bytes the session loaded
+    must have the digest recorded when the export was made: an export edited since (even with its
+    size and mtime kept) is made again (logged), or refused in one line when it cannot be. When
+    not ``required`` (runtime ``auto``), a failure is logged and gives ``(None, None)``: the
+    caller runs PyTorch, and its sidecar says so."""
     from .outputs import OutputBusyError
 
     dynamic = {n: dict(axes or {0: "batch", 1: "tokens"}) for n in [*example, output]}
     try:
         path, _ = export_onnx(module, example, [output], dynamic, tag, precision, folder)
-        return path, (OvSession if runtime == "openvino" else OrtSession)(path)
+        session = _open(path, runtime)
+        if session.sha256_16 != exported_digest(path):
+            log.warning("%s does not hold the bytes it was exported with (digest %s, recorded %s: edited or damaged "
+                        "since): exporting it again", path, session.sha256_16, exported_digest(path))
+            path, _ = export_onnx(module, example, [output], dynamic, tag, precision, folder, force=True)
+            session = _open(path, runtime)
+            if session.sha256_16 != exported_digest(path):
+                raise ModelError(f"{path} changed while it was loaded (digest {session.sha256_16}, recorded "
+                                 f"{exported_digest(path)}): is another program writing the export cache?")
+        return path, session
     except (ModelError, OutputBusyError) as e:
         if required:
             raise
         log.warning("%s unavailable (%s): encoding with PyTorch", runtime, e)
         return None, None
+
+
+def _open(path: Path, runtime: str):
+    return (OvSession if runtime == "openvino" else OrtSession)(path)
+
+
+def exported_digest(path: Path) -> str | None:
+    """The digest (sha256, 16 hex digits) an export's sidecar recorded when it was made, or None."""
+    from .outputs import read_sidecar
+
+    rec = ((read_sidecar(Path(path).with_suffix(".json")) or {}).get("files") or {}).get(Path(path).name)
+    return rec.get("sha256") if isinstance(rec, dict) else None
 
 
 def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", folder: str | Path | None = None,
@@ -289,16 +319,29 @@ def start_onnxruntime(module, example: dict, tag: str, precision: str = "fp32", 
 
 
 def runtime_record(runtime: str, precision: str = "fp32", export: Path | None = None,
-                   threads: int | None = None, inference_precision: str | None = None) -> dict:
+                   threads: int | None = None, inference_precision: str | None = None, session=None) -> dict:
     """What a feature sidecar records of the runtime that made its vectors (OpenVINO: the
-    precision its matmuls ran at, ``inference_precision``)."""
+    precision its matmuls ran at, ``inference_precision``). ``export_sha256_16`` is the digest of
+    the bytes the ``session`` loaded (what ran), never a digest copied from the export's sidecar."""
     if runtime == "torch":
         return {"name": "torch", "version": torch.__version__, "threads": torch.get_num_threads()}
     from .outputs import read_sidecar
 
+    if session is not None:
+        export, threads = session.path, session.threads
+        inference_precision = getattr(session, "precision", inference_precision)
     side = read_sidecar(export.with_suffix(".json")) or {}
     version = openvino_version() if runtime == "openvino" else onnxruntime_version()
     extra = {"inference_precision": inference_precision} if runtime == "openvino" else {}
     return {"name": runtime, "version": version, "precision": precision, **extra, "threads": threads,
-            "export": export.name, "export_sha256_16": (side.get("files") or {}).get(export.name, {}).get("sha256"),
+            "export": export.name, "export_sha256_16": getattr(session, "sha256_16", None),
             "weights_sha256_16": (side.get("job") or {}).get("weights_sha256_16")}
+
+
+def runtime_identity(record: dict | None) -> dict | None:
+    """What must be equal for two blocks of rows to come from one runtime (one output, one
+    runtime: a resume or a shard merge across runtimes would mix their last bits): the runtime
+    record less its thread count."""
+    if not isinstance(record, dict):
+        return None
+    return {k: v for k, v in record.items() if k != "threads"}

@@ -19,14 +19,17 @@ with the same ids; ``/api/info`` names every member. Endpoints (see the README f
 - ``POST /api/upload?k=K``                a JPEG/PNG (multipart field ``file``, or the raw bytes): nearest
                                           captions and images of a photo from outside the dataset
 - ``GET  /thumbs/{image_id}.jpg``, ``GET /images/{image_id}``  split images by COCO id only (thumbnails
-                                          cached under ``<run>/serve_cache/``)
+                                          cached under ``<run>/serve_cache/``, or the user's cache
+                                          folder when the run's cannot be written)
 
 Every request is bounded (text length, k, upload bytes and pixels); a bad one gets a 4xx with
 a one-line JSON ``{"error": ...}`` and the server keeps serving.
 """
 
 import argparse
+import errno
 import logging
+import threading
 from pathlib import Path
 
 from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS
@@ -122,7 +125,7 @@ def create_app(searcher: Searcher):
 
     @app.get("/thumbs/{image_id}.jpg")
     def thumb(image_id: int):
-        return FileResponse(searcher.thumbnail(image_id), media_type="image/jpeg",
+        return FileResponse(thumbnail_file(searcher, image_id), media_type="image/jpeg",
                             headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/images/{image_id}")
@@ -139,6 +142,42 @@ def create_app(searcher: Searcher):
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+_thumb_lock = threading.Lock()
+_temp_caches: set[Path] = set()
+
+
+def thumbnail_file(searcher, image_id: int) -> Path:
+    """The thumbnail of a split image (:meth:`Searcher.thumbnail`), from a cache this process can
+    write: when the run's (read-only storage, another user's folder, a full disk) cannot be, the
+    thumbnails move, once and logged, to the user's cache folder
+    (``~/.cache/crossmodal/thumbs/<digest of the run folder>``), then to a private temporary folder."""
+    import tempfile
+
+    from .outputs import json_digest
+    from .runtimes import cache_dir
+
+    while True:
+        tried = searcher.cache_dir
+        try:
+            return searcher.thumbnail(image_id)
+        except OSError as e:
+            if e.errno not in _NOT_WRITABLE:
+                raise
+            with _thumb_lock:
+                if searcher.cache_dir != tried:  # another request moved it already
+                    continue
+                user = cache_dir() / "thumbs" / json_digest(str(Path(searcher.run_dir).resolve()))
+                if tried in _temp_caches:  # the last resort failed too: a 500, logged
+                    raise
+                nxt = user if tried != user else Path(tempfile.mkdtemp(prefix="crossmodal-thumbs-"))
+                if nxt != user:
+                    _temp_caches.add(nxt)
+                log.warning("thumbnail cache %s cannot be written (%s): thumbnails go to %s", tried,
+                            e.strerror or e, nxt)
+                searcher.cache_dir = nxt
 
 
 # --- command line --------------------------------------------------------------------------

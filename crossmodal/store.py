@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import FeatureError
 from .outputs import (
+    disk_errors,
     file_digest,  # noqa: F401 (re-exported: the digest used across stages)
     id_lists_problem,
     ids_digest,  # noqa: F401 (re-exported: its old home)
@@ -200,7 +201,8 @@ class ResumableWriter:
         if self.array is None:
             self.done, self.skipped, self.chunks = 0, [], []
             remove(self.partial, self.progress)
-            self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+            with disk_errors(self.partial, 4 * n_rows * dim):  # the header's write: a full disk names the file
+                self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float32, shape=(n_rows, dim))
             try:
                 reserve(self.partial, self.array.offset + self.array.nbytes)
             except OSError:

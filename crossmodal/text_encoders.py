@@ -262,8 +262,7 @@ class BertEncoder:
 
         if self.runtime == "torch":
             return {"runtime": runtime_record("torch")}
-        return {"runtime": runtime_record(self.runtime, self.precision, self.export, self.session.threads,
-                                          getattr(self.session, "precision", None))}
+        return {"runtime": runtime_record(self.runtime, self.precision, session=self.session)}
 
     def describe(self) -> dict:
         cfg = self.config

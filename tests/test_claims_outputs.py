@@ -124,7 +124,7 @@ def _full_for(monkeypatch, suffix: str):
 def test_disk_full_writing_a_checkpoint_is_one_line(feats, tmp_path, monkeypatch):
     _full_for(monkeypatch, ".pt")
     with pytest.raises(DiskFullError, match=r"^no space left on device writing .*img2text_fasttext/.*\.pt.*, "
-                                            r"[\d.]+ MB needed$"):
+                                            r"[\d.]+ MB needed, [\d.]+ MB free$"):
         _train(feats, tmp_path)
     monkeypatch.undo()
     run = tmp_path / "img2text_fasttext"
@@ -137,7 +137,7 @@ def test_disk_full_writing_a_faiss_index_is_one_line(feats, tmp_path, monkeypatc
     run = tmp_path / "img2text_fasttext"
     _full_for(monkeypatch, ".faiss")
     with pytest.raises(DiskFullError, match=r"^no space left on device writing .*val_emb_img.*\.faiss.*, "
-                                            r"[\d.]+ MB needed$"):
+                                            r"[\d.]+ MB needed, [\d.]+ MB free$"):
         embed_main(["--run", str(run), "--split", "val"])
     monkeypatch.undo()
     with pytest.raises(FeatureError):  # the embeddings were not published without their index

@@ -106,11 +106,13 @@ def test_resume_after_interruption_is_byte_identical(small_root, tmp_path, monke
         _img(root, "train", tmp_path / "run")
     progress = json.loads((tmp_path / "run" / "train_img_effnet-lite0.progress.json").read_text())
     assert progress["done"] == 8  # two batches of 4 kept
-    monkeypatch.setattr(EffNetLite0Regions, "forward", orig)
-    calls["n"] = 0
+    resumed = []
+    monkeypatch.setattr(EffNetLite0Regions, "forward", lambda self, images: (resumed.append(len(images)),
+                                                                             orig(self, images))[1])
     _img(root, "train", tmp_path / "run")
     assert (tmp_path / "run" / "train_img_effnet-lite0.npy").read_bytes() == (
         tmp_path / "ref" / "train_img_effnet-lite0.npy").read_bytes()
+    assert sum(resumed) == 24 - 8  # the 8 finished rows were not encoded again
     assert not (tmp_path / "run" / "train_img_effnet-lite0.progress.json").exists()
 
 

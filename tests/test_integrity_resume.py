@@ -35,18 +35,58 @@ def _reader_sees_nothing_wrong(npy, ref):
     assert meta["ids"] == load_features(ref)[1]["ids"]
 
 
+def _resumable(folder) -> dict:
+    """{output file name: (rows, rows done)} of the partial outputs a kill left in ``folder`` that a
+    rerun can continue (a progress record beside its partial array)."""
+    out = {}
+    for prog in folder.glob("*.progress.json"):
+        partial = prog.with_name(prog.name.replace(".progress.json", ".partial.npy"))
+        try:
+            state = json.loads(prog.read_text())
+        except ValueError:
+            continue
+        if partial.is_file():
+            out[prog.name.replace(".progress.json", ".npy")] = (state["shape"][0], state["done"])
+    return out
+
+
+def _rows_written(make, npy, monkeypatch) -> dict:
+    """Run ``make(npy)``; {output file name: rows its resumable writer wrote}: the rows encoded."""
+    from crossmodal.store import ResumableWriter
+
+    written, real = {}, ResumableWriter.write
+
+    def counted(self, start, rows, *a, **kw):
+        written[self.npy.name] = written.get(self.npy.name, 0) + len(rows)
+        return real(self, start, rows, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(ResumableWriter, "write", counted)
+        make(npy)
+    return written
+
+
 def _every_kill(tmp_path, monkeypatch, make, name):
+    """Kill ``make`` before each of its file-system steps, rerun it: the same bytes as an
+    uninterrupted run, nothing left behind, and the rerun encodes only the rows the killed run had
+    not finished (a writer that never resumes, recomputing everything, fails)."""
     ref = tmp_path / "ref" / name
     total, killed = run_killed_at(lambda: make(ref), 0, monkeypatch, mid_write=True)
     assert not killed and total > 3
+    resumed = 0
     for k in range(1, total + 1):
         npy = tmp_path / f"k{k}" / name
         _, killed = run_killed_at(lambda npy=npy: make(npy), k, monkeypatch, mid_write=True)
         assert killed, k
         _reader_sees_nothing_wrong(npy, ref)
-        make(npy)
+        kept = _resumable(npy.parent)
+        written = _rows_written(make, npy, monkeypatch)
+        for out, (rows, done) in kept.items():
+            assert written.get(out, 0) == rows - done, (k, out, written, kept)
+        resumed += any(done > 0 for _, done in kept.values())
         _same_output(npy, ref)
         assert leftovers(npy.parent) == [], k
+    assert resumed >= 2  # the sweep did resume finished rows
     return total
 
 

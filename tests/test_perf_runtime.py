@@ -2,7 +2,6 @@
 0.9999) over batch shapes and padding lengths; the export cached by the weights' digest through
 crossmodal.outputs; the runtime recorded in the sidecar; auto's choice; int8 as another setting."""
 
-import numpy as np
 import pytest
 
 from crossmodal.coco import load_split
@@ -12,6 +11,7 @@ from tests.test_text_runtime_batches import (
     _cos,
     assert_equal_on_every_row,
     assert_equal_with_pooling_and_length,
+    assert_same_vectors,
 )
 
 pytest.importorskip("onnxruntime")
@@ -93,7 +93,7 @@ def test_sidecar_records_the_runtime_and_features_stay_valid_across_runtimes(enc
     assert rt["name"] == "onnxruntime" and rt["precision"] == "fp32" and rt["export"] == ort_enc.export.name
     assert len(rt["export_sha256_16"]) == len(rt["weights_sha256_16"]) == 16
     a, b = load_features(npy)[0], load_features(tmp_path / "o" / "val_text_bert.npy")[0]
-    assert _cos(np.asarray(a), np.asarray(b)).min() >= 0.9999
+    assert_same_vectors(a, b)
 
 
 def test_auto_picks_onnxruntime_on_cpu_only_when_installed(monkeypatch):

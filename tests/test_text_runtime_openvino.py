@@ -3,16 +3,15 @@ every row (cosine >= 0.9999) over batch shapes, pooling, padding lengths and rea
 the ONNX export shared with ONNX Runtime; the runtime and its inference precision in the sidecar;
 auto's choice."""
 
-import numpy as np
 import pytest
 
 from crossmodal.coco import load_split
 from crossmodal.errors import ModelError
 from tests.conftest import shared
 from tests.test_text_runtime_batches import (
-    _cos,
     assert_equal_on_every_row,
     assert_equal_with_pooling_and_length,
+    assert_same_vectors,
 )
 
 pytest.importorskip("openvino")
@@ -44,7 +43,7 @@ def test_openvino_equal_on_real_coco_captions(encoders):
     """bf16's margin is measured on real captions: 600 of coco-captions-val2017, every row."""
     torch_enc, ov_enc, _ = encoders
     caps = list(load_split(shared("coco-captions-val2017"), "val2017").captions[:600])
-    assert _cos(torch_enc.encode(caps, batch_size=64), ov_enc.encode(caps, batch_size=64)).min() >= 0.9999
+    assert_same_vectors(torch_enc.encode(caps, batch_size=64), ov_enc.encode(caps, batch_size=64))
 
 
 def test_openvino_reads_the_onnx_export_and_records_itself(encoders, small_root, tmp_path, monkeypatch):
@@ -66,7 +65,7 @@ def test_openvino_reads_the_onnx_export_and_records_itself(encoders, small_root,
     again = extract_texts(split, torch_enc, tmp_path / "val_text_bert.npy", progress=False)
     assert again["runtime"]["name"] == "openvino" and again["files"] == meta["files"]
     ref = torch_enc.encode(list(split.captions))
-    assert _cos(ref, np.asarray(load_features(tmp_path / "val_text_bert.npy")[0])).min() >= 0.9999
+    assert_same_vectors(ref, load_features(tmp_path / "val_text_bert.npy")[0])
 
 
 def test_auto_picks_openvino_where_the_cpu_has_bf16(monkeypatch):
