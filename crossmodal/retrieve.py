@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import (
+    add_dataset_arg,
     existing_dir,
     existing_file,
     int_in_range,
@@ -173,6 +174,7 @@ def figures_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", type=split_name)
     p.add_argument("--coco-root", required=True, type=existing_dir, help="the COCO folder the split's images are in")
     p.add_argument("--karpathy-file", default=None, type=existing_file)
+    add_dataset_arg(p)
     p.add_argument("--direction", default="both", choices=["img2text", "text2img", "both"])
     p.add_argument("--query-id", type=non_negative_int, action="append", default=[],
                    help="image id (img2text) or caption id (text2img); repeatable")
@@ -199,7 +201,7 @@ def _figures(a, scored) -> list[Path]:
 
     out = Path(a.out) if a.out else scored.folder / "figures"
     img, txt, rows, im, tm = scored.emb
-    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=True)
+    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=True, dataset=a.dataset)
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))
