@@ -99,6 +99,7 @@ def write_judgements(root: Path, expert: list[tuple[str, str, tuple[int, int, in
                      crowd: list[tuple[str, str, int, int]]) -> None:
     """Hodosh et al.'s files: ``ExpertAnnotations.txt`` (image TAB caption-id TAB three scores 1-4) and
     ``CrowdFlowerAnnotations.txt`` (image TAB caption-id TAB percent yes TAB yes count TAB no count)."""
+    root.mkdir(parents=True, exist_ok=True)
     (root / "ExpertAnnotations.txt").write_text(
         "".join(f"{im}\t{cap}\t{a}\t{b}\t{c}\n" for im, cap, (a, b, c) in expert))
     (root / "CrowdFlowerAnnotations.txt").write_text(
