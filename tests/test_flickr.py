@@ -191,3 +191,18 @@ def test_real_flickr8k_splits():
     train = load_split(root, "train[:20]")
     assert train.num_images == 20 and np.intersect1d(train.image_ids, dev.image_ids).size == 0
     assert int(train.image_ids[0]) == int(train.file_names[0].split("_")[0]) and train.image_path(0).is_file()
+
+
+def test_every_parser_that_reads_a_dataset_takes_the_dataset_flag(tmp_path, capsys):
+    from crossmodal import databases, pipeline, retrieve, serve
+
+    parsers = {"make_database_img": (databases.image_parser(), ["--split", "dev"]),
+               "make_database_text": (databases.text_parser(), ["--split", "dev"]),
+               "main_retrieve": (retrieve.figures_parser(), ["--run", str(tmp_path)]),
+               "pipeline": (pipeline.parser(), []), "serve": (serve.parser(), ["--run", str(tmp_path)])}
+    for name, (p, rest) in parsers.items():
+        a = p.parse_args(["--coco-root", str(tmp_path), "--dataset", "flickr30k", *rest])
+        assert a.dataset == "flickr30k" and p.parse_args(["--coco-root", str(tmp_path), *rest]).dataset == "auto", name
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(["--coco-root", str(tmp_path), "--dataset", "flickr", *rest])
+        assert e.value.code == 2 and "invalid choice: 'flickr'" in capsys.readouterr().err, name
