@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import DataError
+from .splits import DATASETS, parse_split
 
 log = logging.getLogger("crossmodal")
 
@@ -179,10 +181,7 @@ def run_name(text: str) -> str:
 
 
 def split_name(text: str) -> str:
-    """``NAME`` or ``NAME[start:stop]`` (Karpathy splits joined with ``+``)."""
-    from .coco import parse_split
-    from .errors import DataError
-
+    """``NAME`` or ``NAME[start:stop]`` (Karpathy and Flickr8k splits joined with ``+``)."""
     try:
         parse_split(text)
     except DataError as e:
@@ -236,13 +235,24 @@ def set_threads(n: int | None = None) -> int:
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
     p.add_argument("--coco-root", required=True, type=existing_dir,
-                   help="COCO folder: annotations/ and one folder per split")
+                   help="dataset folder: COCO (annotations/ and one folder per split), or Flickr8k / Flickr30k "
+                        "as downloaded (docs/datasets.md)")
     p.add_argument("--split", default=split_default, required=split_default is None, type=split_name,
-                   help="split name (train2014, val2017, ...), optionally sliced: NAME[a:b]")
+                   help="split name (COCO: train2014, val2017, ...; Flickr8k: train/dev/test; Flickr30k: all), "
+                        "optionally sliced: NAME[a:b]")
+    add_dataset_arg(p)
     p.add_argument("--karpathy-file", default=None, type=existing_file,
-                   help="Karpathy dataset_coco.json; --split is then train/restval/val/test (joined by +)")
+                   help="Karpathy dataset_{coco,flickr8k,flickr30k}.json; --split is then train/restval/val/test "
+                        "(joined by +)")
     p.add_argument("--skip-bad", action="store_true",
                    help="drop unreadable images, images without captions and empty captions (counted, logged)")
+
+
+def add_dataset_arg(p: argparse.ArgumentParser) -> None:
+    """``--dataset``: which loader reads ``--coco-root`` (:func:`crossmodal.coco.load_split`)."""
+    p.add_argument("--dataset", default="auto", choices=DATASETS,
+                   help="auto (default): read from the root's files (Flickr8k.token.txt: flickr8k; "
+                        "results_20130124.token or results.csv: flickr30k; annotations/: coco) or the Karpathy file")
 
 
 def add_run_args(p: argparse.ArgumentParser, batch_size: int | None) -> None:

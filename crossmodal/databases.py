@@ -114,7 +114,7 @@ def _run(kind: str, parser: argparse.ArgumentParser, argv, extract) -> dict:
     if a.shard is not None and a.shard >= (a.num_shards or 1):
         parser.error(f"argument --shard: {a.shard} is out of range for --num-shards {a.num_shards or 1} "
                      f"(shards are 0 to {(a.num_shards or 1) - 1})")
-    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad)
+    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=a.skip_bad, dataset=a.dataset)
     npy = feature_path(a.features_dir, a.split, kind, a.encoder)
     shard = resolve_shard(a.shard, a.num_shards)
     if a.merge:
@@ -142,11 +142,11 @@ def run_image(argv=None) -> dict:
 
 def fasttext_train_split(split: str, train_split: str | None) -> str:
     """The split whose captions train fastText: ``train_split``, else ``split`` itself, unless ``split`` is a
-    held-out one (a part named val* or test*): training on it would leak its captions into the model, so that
+    held-out one (a part named val*, dev* or test*): training on it would leak its captions into the model, so that
     is one line asking for the training split (``--fasttext-train-split val`` still says it on purpose)."""
     if train_split:
         return train_split
-    held_out = [p for p in parse_split(split)[0].split("+") if p.lower().startswith(("val", "test"))]
+    held_out = [p for p in parse_split(split)[0].split("+") if p.lower().startswith(("val", "test", "dev"))]
     if held_out:
         raise DataError(f"--split {split} is a held-out split: fastText would be trained on its own captions "
                         f"({held_out[0]!r}); pass --fasttext-train-split with the training split (e.g. train2017, "
@@ -160,7 +160,8 @@ def _fasttext_encoder(a, split):
     if a.fasttext_model:
         return FastTextEncoder(a.fasttext_model)
     train_name = fasttext_train_split(a.split, a.fasttext_train_split)
-    train = split if train_name == a.split else load_split(a.coco_root, train_name, a.karpathy_file, a.skip_bad)
+    train = split if train_name == a.split else load_split(a.coco_root, train_name, a.karpathy_file, a.skip_bad,
+                                                            a.dataset)
     path = train_fasttext(train, a.features_dir, dim=a.fasttext_dim, epoch=a.fasttext_epoch,
                           bucket=a.fasttext_bucket)
     return FastTextEncoder(path, info={"source": "trained", "train_split": train.name})

@@ -3,6 +3,8 @@
     python -m crossmodal.pipeline --demo          # make demo: the embedded dataset, offline encoders
     python -m crossmodal.pipeline --coco-root ../shared/data/coco-mini \\
         --train-split 'train2017[:100]' --val-split 'train2017[100:]' --out coco-mini
+    python -m crossmodal.pipeline --dataset flickr8k --coco-root PATH/TO/Flickr8k \\
+        --train-split train --val-split dev --out flickr8k
 
 Stages: demo data -> image features -> fastText and BERT caption features -> the four
 training scripts -> embeddings + Faiss indexes -> both metric scripts -> figures. Each stage
@@ -27,7 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from . import databases, embed, retrieve, train
-from .cli import existing_dir, existing_file, int_in_range, positive_int, run_name, setup_logging, split_name
+from .cli import (
+    add_dataset_arg,
+    existing_dir,
+    existing_file,
+    int_in_range,
+    positive_int,
+    run_name,
+    setup_logging,
+    split_name,
+)
 
 log = logging.getLogger("crossmodal.pipeline")
 
@@ -77,10 +88,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="Defaults are the stage scripts' own, except where a flag's help says why not.")
     p.add_argument("--demo", action="store_true", help="generate and use the embedded demo dataset")
-    p.add_argument("--coco-root", default=None, type=existing_dir)
+    p.add_argument("--coco-root", default=None, type=existing_dir,
+                   help="the dataset folder: COCO, or Flickr8k / Flickr30k as downloaded (docs/datasets.md)")
+    add_dataset_arg(p)
     p.add_argument("--karpathy-file", default=None, type=existing_file)
-    p.add_argument("--train-split", default=d["train_split"], type=split_name)
-    p.add_argument("--val-split", default=d["val_split"], type=split_name)
+    p.add_argument("--train-split", default=d["train_split"], type=split_name,
+                   help="default %(default)s (Flickr8k: train)")
+    p.add_argument("--val-split", default=d["val_split"], type=split_name,
+                   help="default %(default)s (Flickr8k: dev; Karpathy files: val)")
     p.add_argument("--out", default="demo", type=run_name, help="results go to features/<out>/ and runs/<out>/")
     p.add_argument("--image-encoder", default=d["image_encoder"], choices=["effnet-lite0", "fasterrcnn"])
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
@@ -153,13 +168,14 @@ def _run(a, runs: Path) -> dict:
         root = Path("data/demo")
         meta = generate_demo_dataset(root, num_train=a.demo_train, num_val=a.demo_val)
         log.info("demo dataset: %s at %s (%.1f MB)", meta["splits"], root, meta["bytes"] / 1e6)
-        a.coco_root, a.train_split, a.val_split = str(root), "train", "val"
+        a.coco_root, a.train_split, a.val_split, a.dataset = str(root), "train", "val", "coco"
     if not a.coco_root:
         from .errors import DataError
 
         raise DataError("give --demo or --coco-root")
     feats = Path("features") / a.out
-    data = ["--coco-root", a.coco_root] + (["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])
+    data = ["--coco-root", a.coco_root, "--dataset", a.dataset] + (
+        ["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])
     common = (["--force"] if a.force else []) + (["--no-progress"] if a.quiet else []) + (
         ["--skip-bad"] if a.skip_bad else [])
     for split in (a.train_split, a.val_split):

@@ -1,4 +1,5 @@
-"""The standard COCO test protocols, exactly as published, and the extra-positive metrics.
+"""The standard test protocols (COCO 5K/1K, Flickr8k/Flickr30k 1K), exactly as published, and the
+extra-positive metrics.
 
 - **5K / 1K** (VSE++, SCAN, VSE∞, CLIP): the Karpathy test split, 5,000 images with exactly 5
   captions each, the 25,000 captions in the order that ``eccv-caption`` ships
@@ -13,6 +14,11 @@
   CxC R@1/5/10 (Parekh et al., EACL 2021, Crisscrossed Captions), computed by ``eccv-caption``'s
   reference code (``eccv_caption.Metrics``) from exact top-K lists, K at least the largest
   number of positives of any query (so R-Precision and mAP@R see every positive's slot).
+- **Flickr 1K** (``1k`` on a Flickr8k / Flickr30k split; Karpathy & Fei-Fei, VSE++, SCAN, VSE∞):
+  the 1,000 test images (Flickr8k's ``Flickr_8k.testImages.txt`` = Karpathy's ``test``; Flickr30k:
+  Karpathy's ``test``) with their captions 0-4 each, images by id, caption ``5i+n`` = caption n of
+  image i (:func:`flickr_order`); one fold. Which dataset a run's embeddings come from is read from
+  the feature sidecar's ``source`` (:func:`embedded_dataset`).
 
 All recall-type numbers are percentages (100 x share of queries), as in the papers; the
 definitions are in :data:`METRIC_DEFINITIONS` and in the README.
@@ -34,19 +40,23 @@ import torch
 
 from .errors import DataError, ModelError
 from .metrics import DIRECTIONS, RECALL_KS, evaluate_protocol, writable_f32
+from .published import PUBLISHED, PUBLISHED_LABEL
+from .splits import dataset_of_source
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("full", "5k", "1k", "eccv")
 STANDARD_PROTOCOLS = ("5k", "1k", "eccv")
 N_TEST_IMAGES, CAPTIONS_PER_IMAGE = 5000, 5
+N_FLICKR_TEST_IMAGES = 1000
 ECCV_PIN = "eccv-caption==0.1.0"
 _SHORT = {"img2text": "i2t", "text2img": "t2i"}
 
 PROTOCOL_HELP = {
     "full": "the whole split, every caption",
     "5k": "Karpathy test, 5,000 images x 5 captions in the standard (eccv-caption) order",
-    "1k": "Karpathy test, mean over the five standard 1,000-image folds",
+    "1k": "Karpathy test, mean over the five standard 1,000-image folds (Flickr8k / Flickr30k: the 1,000 test "
+          "images x 5 captions)",
     "eccv": "Karpathy test 5K, plus ECCV Caption R@1 / R-Precision / mAP@R and CxC R@1/5/10 (eccv-caption)",
 }
 
@@ -65,26 +75,25 @@ METRIC_DEFINITIONS = {
                "CxC covers; eccv_caption.Metrics",
 }
 
-# Published figures on the same protocols, printed under the project's numbers for reference only.
-PUBLISHED = (
-    {"protocol": "1k", "model": "VSE++ (ResNet-152, fine-tuned)", "img2text_R@1": 64.6, "text2img_R@1": 52.0,
-     "rsum": 478.6, "source": "Faghri et al., VSE++, BMVC 2018, Table 1 (COCO 1K)"},
-    {"protocol": "5k", "model": "VSE++ (ResNet-152, fine-tuned)", "img2text_R@1": 41.3, "text2img_R@1": 30.3,
-     "source": "Faghri et al., VSE++, BMVC 2018, Table 1 (COCO 5K)"},
-    {"protocol": "1k", "model": "SCAN (t-i + i-t AVG)", "img2text_R@1": 72.7, "text2img_R@1": 58.8,
-     "source": "Lee et al., SCAN, ECCV 2018, Table 2 (COCO 1K)"},
-    {"protocol": "1k", "model": "VSE∞ (BUTD regions + BERT)", "img2text_R@1": 79.7, "text2img_R@1": 64.8,
-     "source": "Chen et al., VSE∞, CVPR 2021 (COCO 1K)"},
-    {"protocol": "5k", "model": "CLIP ViT-B/32 zero-shot", "img2text_R@1": 50.1, "text2img_R@1": 30.4,
-     "source": "Radford et al., CLIP, ICML 2021, zero-shot COCO 5K (Table 13 lists ViT-L/14@336px; "
-               "the ViT-B/32 figures are as commonly reported for the released model)"},
-)
-PUBLISHED_LABEL = "published (for reference, not reproduced here)"
 
 
-def published(protocol: str) -> list[dict]:
-    """The published rows of ``protocol`` (none for ``full`` or ``eccv``)."""
-    return [r for r in PUBLISHED if r["protocol"] == protocol]
+def published(protocol: str, dataset: str = "coco") -> list[dict]:
+    """The published rows of ``protocol`` on ``dataset`` (none for ``full`` or ``eccv``)."""
+    return [r for r in PUBLISHED if r["protocol"] == protocol and r.get("dataset", "coco") == dataset]
+
+
+def embedded_dataset(run_dir: str | Path, img_meta: dict) -> str:
+    """``coco``, ``flickr8k`` or ``flickr30k``: the dataset a run's embeddings (``img_meta``, their
+    sidecar) were made from, read from the ``source`` of the feature sidecar they name."""
+    from .store import read_meta
+
+    feats = img_meta.get("features")
+    if not feats:
+        return "coco"
+    try:
+        return dataset_of_source(read_meta(Path(run_dir) / feats).get("source", ""))
+    except (OSError, DataError, ModelError, ValueError):
+        return "coco"
 
 
 # --- the standard caption order ---------------------------------------------------------
@@ -120,6 +129,7 @@ class StandardOrder:
     img_ids: np.ndarray
     cap_ids: np.ndarray
     dropped_captions: int
+    order: str = "Karpathy test, 5 captions per image in eccv-caption's coco_test_ids.npy order"
 
     @property
     def cap_img_rows(self) -> np.ndarray:
@@ -127,8 +137,7 @@ class StandardOrder:
 
     def info(self) -> dict:
         return {"images": len(self.img_rows), "captions": len(self.cap_rows),
-                "dropped_captions": self.dropped_captions,
-                "order": "Karpathy test, 5 captions per image in eccv-caption's coco_test_ids.npy order"}
+                "dropped_captions": self.dropped_captions, "order": self.order}
 
 
 def standard_order(img_ids, cap_ids, cap_img_ids, split: str = "?") -> StandardOrder:
@@ -174,11 +183,42 @@ def standard_order(img_ids, cap_ids, cap_img_ids, split: str = "?") -> StandardO
     return StandardOrder(img_rows, cap_rows, test_imgs, std, dropped)
 
 
+def flickr_order(img_ids, cap_ids, cap_img_ids, split: str = "?", n_images: int = N_FLICKR_TEST_IMAGES
+                 ) -> StandardOrder:
+    """Select and reorder a Flickr test split's rows into the standard 1K layout: the images by id,
+    each with its captions 0-4 (ids ``image_id * 10 + n``, :mod:`crossmodal.flickr`), caption
+    ``5i+n`` = caption n of image i. Ids as in :func:`standard_order`; raises :class:`DataError`
+    unless the split has exactly ``n_images`` images, each with its five captions."""
+    img_ids = np.asarray(img_ids, dtype=np.int64)
+    cap_ids = np.asarray(cap_ids, dtype=np.int64)
+    cap_img_ids = np.asarray(cap_img_ids, dtype=np.int64)
+    if len(img_ids) != n_images:
+        raise DataError(f"split {split!r} has {len(img_ids):,} images: the Flickr 1K protocol scores the {n_images:,} "
+                        "test images (Flickr8k: --split test; Flickr30k: Karpathy's test split)")
+    img_rows = np.argsort(img_ids, kind="stable")
+    test_imgs = img_ids[img_rows]
+    want = (test_imgs[:, None] * 10 + np.arange(CAPTIONS_PER_IMAGE)).ravel()
+    order = np.argsort(cap_ids, kind="stable")
+    pos = np.clip(np.searchsorted(cap_ids, want, sorter=order), 0, max(len(cap_ids) - 1, 0))
+    cap_rows = order[pos] if len(cap_ids) else np.zeros(len(want), np.int64)
+    missing = ~(cap_ids[cap_rows] == want) if len(cap_ids) else np.ones(len(want), bool)
+    missing |= cap_img_ids[cap_rows] != np.repeat(test_imgs, CAPTIONS_PER_IMAGE) if len(cap_ids) else missing
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise DataError(f"split {split!r}: {int(missing.sum()):,} of the {len(want):,} captions 0-4 of its images are "
+                        f"missing (first: caption {first % CAPTIONS_PER_IMAGE} of image "
+                        f"{test_imgs[first // CAPTIONS_PER_IMAGE]}, id {want[first]}); the Flickr 1K protocol needs "
+                        "five captions per image, ids by the Flickr id rule")
+    return StandardOrder(img_rows, cap_rows, test_imgs, want, len(cap_ids) - len(want),
+                         order="Flickr test: images by photo id, captions 0-4 of each")
+
+
 # --- scoring ----------------------------------------------------------------------------
 
 
 def evaluate_split(img_emb, text_emb, cap_img_rows, img_ids, cap_ids, cap_img_ids, protocol: str = "full",
-                   split: str = "?", directions=DIRECTIONS, chunk: int = 1024, with_curves: bool = False) -> dict:
+                   split: str = "?", directions=DIRECTIONS, chunk: int = 1024, with_curves: bool = False,
+                   dataset: str = "coco") -> dict:
     """Every metric of ``protocol`` for a split's embeddings, ``img_emb`` (N_img, d), ``text_emb``
     (N_cap, d), ``cap_img_rows`` (N_cap,), with their COCO ids (sidecar order).
 
@@ -186,12 +226,25 @@ def evaluate_split(img_emb, text_emb, cap_img_rows, img_ids, cap_ids, cap_img_id
     standard order (:func:`standard_order`); R@K, P@K, mAP, medr, meanr always come from the
     exact chunked ranks of :func:`crossmodal.metrics.evaluate_protocol`; ``eccv`` adds
     :func:`eccv_metrics`. The result has ``protocol_info`` (what was scored) for non-full protocols.
+    On a Flickr ``dataset``, ``1k`` is the Flickr 1K test (:func:`flickr_order`, one fold); 5k/eccv are COCO's.
     """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}: {', '.join(PROTOCOLS)}")
     if protocol == "full":
         return evaluate_protocol(img_emb, text_emb, cap_img_rows, "full", directions=directions, chunk=chunk,
                                  with_curves=with_curves)
+    if dataset != "coco":
+        if protocol != "1k":
+            raise DataError(f"--protocol {protocol} is COCO's (Karpathy 5K test); split {split!r} is {dataset}: "
+                            "use --protocol 1k (its 1,000 test images) or full")
+        so = flickr_order(img_ids, cap_ids, cap_img_ids, split)
+        img = np.ascontiguousarray(np.asarray(img_emb)[so.img_rows], dtype=np.float32)
+        txt = np.ascontiguousarray(np.asarray(text_emb)[so.cap_rows], dtype=np.float32)
+        m = evaluate_protocol(img, txt, so.cap_img_rows, "full", directions=directions, chunk=chunk,
+                              with_curves=with_curves)
+        m["protocol_info"] = dict(so.info(), folds=1, dataset=dataset,
+                                  definitions={"R@K": METRIC_DEFINITIONS["R@K"]})
+        return m
     so = standard_order(img_ids, cap_ids, cap_img_ids, split)
     img = np.ascontiguousarray(np.asarray(img_emb)[so.img_rows], dtype=np.float32)
     txt = np.ascontiguousarray(np.asarray(text_emb)[so.cap_rows], dtype=np.float32)
@@ -288,26 +341,29 @@ def eccv_queries() -> dict[str, int]:
 
 # --- what the printed tables show ---------------------------------------------------------
 
+_NAMES = {"coco": "COCO", "flickr8k": "Flickr8k", "flickr30k": "Flickr30k"}
 ECCV_TABLE_KEYS = ("R@1", "R@5", "R@10", "ECCV_R@1", "ECCV_R-P", "ECCV_mAP@R", "CxC_R@1", "CxC_R@5",
                    "CxC_R@10")
 
 
-def published_rows(protocol: str, direction: str) -> dict[str, dict]:
-    """Published R@1 of ``direction`` on ``protocol``, one row per model (empty unless 1k or 5k)."""
-    return {r["model"]: {"R@1": r[f"{direction}_R@1"]} for r in published(protocol)}
+def published_rows(protocol: str, direction: str, dataset: str = "coco") -> dict[str, dict]:
+    """Published R@1 of ``direction`` on ``protocol`` and ``dataset``, one row per model (empty unless 1k or 5k)."""
+    return {r["model"]: {"R@1": r[f"{direction}_R@1"]} for r in published(protocol, dataset)}
 
 
-def table_notes(protocol: str, direction: str | None = None) -> list[str]:
+def table_notes(protocol: str, direction: str | None = None, dataset: str = "coco") -> list[str]:
     """Lines printed under a results table: where the published rows come from, and what the
     extra-positive columns mean. Nothing for ``full``."""
     lines = []
-    pubs = published(protocol)
+    pubs = published(protocol, dataset)
     if pubs:
-        lines.append(f"sources of the {PUBLISHED_LABEL.split(' (')[0]} rows (COCO {protocol.upper()}, Karpathy test; "
-                     "R@1 in %):")
+        where = "Karpathy test" if dataset == "coco" else "1,000 test images x 5 captions"
+        lines.append(f"sources of the {PUBLISHED_LABEL.split(' (')[0]} rows ({_NAMES[dataset]} {protocol.upper()}, "
+                     f"{where}; R@1 in %):")
         for r in pubs:
             rsum = f", rsum {r['rsum']}" if "rsum" in r else ""
-            lines.append(f"  {r['model']}: i2t {r['img2text_R@1']} / t2i {r['text2img_R@1']}{rsum} -- {r['source']}")
+            t2i = "-" if r["text2img_R@1"] is None else r["text2img_R@1"]
+            lines.append(f"  {r['model']}: i2t {r['img2text_R@1']} / t2i {t2i}{rsum} -- {r['source']}")
     if protocol == "eccv":
         lines.append("columns (all in %): R@K = COCO 5K (exact chunked ranks, this project); ECCV_* and CxC_* "
                      f"through eccv-caption ({ECCV_PIN}) from exact top-K lists:")
@@ -321,4 +377,5 @@ def protocol_title(protocol: str, info: dict | None) -> str:
         return ""
     folds = f", mean of {info['folds']} folds of 1,000 images" if info.get("folds", 1) > 1 else ""
     extra = f"; {info['dropped_captions']} extra captions left out" if info.get("dropped_captions") else ""
-    return f"{info['images']:,} images x 5 captions in the standard order{folds}{extra}"
+    where = f" of the {_NAMES[info['dataset']]} test" if info.get("dataset") else ""
+    return f"{info['images']:,} images x 5 captions in the standard order{where}{folds}{extra}"

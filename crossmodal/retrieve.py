@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import (
+    add_dataset_arg,
     existing_dir,
     existing_file,
     int_in_range,
@@ -27,12 +28,14 @@ from .cli import (
 )
 from .errors import DataError, FeatureError
 from .index import search
+from .judgements import judged_metrics, judgement_notes, judgements_digest
 from .outputs import append_jsonl, check, locked, publish, read_jsonl, read_sidecar, save_npy, tmp_path
 from .protocols import (
     ECCV_TABLE_KEYS,
     PROTOCOL_HELP,
     PROTOCOLS,
     PUBLISHED_LABEL,
+    embedded_dataset,
     evaluate_split,
     protocol_title,
     published_rows,
@@ -58,6 +61,10 @@ def metrics_parser(direction: str) -> argparse.ArgumentParser:
                    help="; ".join(f"{k}: {v}" for k, v in PROTOCOL_HELP.items())
                    + " (5k/1k/eccv need the Karpathy test split, --split test)")
     p.add_argument("--k", type=int_in_range(1, 1000), default=10, help="length of the saved top-k lists")
+    p.add_argument("--flickr8k-judgements", default=None, type=existing_dir, metavar="DIR",
+                   help="folder with Hodosh et al.'s ExpertAnnotations.txt / CrowdFlowerAnnotations.txt (Flickr8k "
+                        "test): adds R@K/P@K/mAP with the judged extra positives and img2text NDCG@5/10 "
+                        "(crossmodal/judgements.py)")
     p.add_argument("--chunk", type=positive_int, default=1024, help="queries per similarity block (bounds memory)")
     p.add_argument("--force", action="store_true", help="recompute even if these embeddings were scored already")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -93,16 +100,18 @@ def run_metrics(argv=None, direction: str = "img2text") -> dict:
     setup_logging(a.verbose)
     with open_runs(a.run, a.split, a.out) as scored:  # refused when not made from the runs' checkpoints
         im, tm = scored.emb[3], scored.emb[4]
+        a.dataset = embedded_dataset(scored.runs[0].dir, im)  # Flickr test splits: the Flickr 1K protocol
         stem = f"{safe_split_name(a.split)}_{direction}_{a.protocol}"
         saved = scored.folder / "retrieval" / f"{stem}_metrics.json"
         members = im.get("members", [])
         inputs = {f"{m['run']}/{n}": sha for m in members for n, sha in m["files"].items()} if members else {
             n: r["sha256"] for m in (im, tm) for n, r in m["files"].items()}
         job = {"direction": direction, "protocol": a.protocol, "k": a.k,  # inputs: embeddings and indexes
-               "inputs": inputs, **({"members": [m["run"] for m in members]} if members else {})}
+               "inputs": inputs, **({"members": [m["run"] for m in members]} if members else {}),
+               **({"judgements": judgements_digest(a.flickr8k_judgements)} if a.flickr8k_judgements else {})}
         figure = scored.folder / "figures" / f"pr_{stem}.png" if a.protocol != "1k" else None  # 1k: no curve
         with locked(saved, what=f"scores {saved}"):
-            fresh = check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k"))
+            fresh = check(saved, job, a.force, what=f"scores {saved}", rebuild_on=("inputs", "k", "judgements"))
             if fresh and figure is not None and not figure.is_file():
                 log.info("%s is missing: scoring again", figure)
                 fresh = False
@@ -130,7 +139,9 @@ def _score(a, direction: str, scored, stem: str, saved: Path, job: dict, figure:
     img, txt, rows, im, tm = scored.emb
     t0 = time.perf_counter()
     m = evaluate_split(img, txt, rows, im["ids"], tm["ids"], tm["image_ids"], a.protocol, split=a.split,
-                       directions=(direction,), chunk=a.chunk, with_curves=a.protocol != "1k")
+                       directions=(direction,), chunk=a.chunk, with_curves=a.protocol != "1k", dataset=a.dataset)
+    if a.flickr8k_judgements:
+        m.update(judged_metrics(a.flickr8k_judgements, img, txt, rows, im["ids"], tm["ids"], direction, a.chunk))
     elapsed = time.perf_counter() - t0
     curve = m.pop(f"{direction}_pr", None)
     m = {k: v for k, v in m.items() if k != "rsum"}
@@ -159,8 +170,8 @@ def _table(label: str, direction: str, a, record: dict) -> str:
     title = f"{direction} on {a.split} ({a.protocol}): " + (scored or f"{record['queries']} queries, gallery "
                                                                        f"{record['gallery']}")
     return format_table({label: m}, keys=ECCV_TABLE_KEYS if a.protocol == "eccv" else TABLE_KEYS,
-                        title=title, published=published_rows(a.protocol, direction),
-                        notes=table_notes(a.protocol, direction))
+                        title=title, published=published_rows(a.protocol, direction, a.dataset),
+                        notes=table_notes(a.protocol, direction, a.dataset) + judgement_notes(record, direction))
 
 
 # --- qualitative figures -----------------------------------------------------------------
@@ -173,6 +184,7 @@ def figures_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", type=split_name)
     p.add_argument("--coco-root", required=True, type=existing_dir, help="the COCO folder the split's images are in")
     p.add_argument("--karpathy-file", default=None, type=existing_file)
+    add_dataset_arg(p)
     p.add_argument("--direction", default="both", choices=["img2text", "text2img", "both"])
     p.add_argument("--query-id", type=non_negative_int, action="append", default=[],
                    help="image id (img2text) or caption id (text2img); repeatable")
@@ -199,7 +211,7 @@ def _figures(a, scored) -> list[Path]:
 
     out = Path(a.out) if a.out else scored.folder / "figures"
     img, txt, rows, im, tm = scored.emb
-    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=True)
+    split = load_split(a.coco_root, a.split, a.karpathy_file, skip_bad=True, dataset=a.dataset)
     img_ids = np.asarray(im["ids"])
     cap_ids = np.asarray(tm["ids"])
     cap_text = dict(zip(split.caption_ids.tolist(), split.captions, strict=True))

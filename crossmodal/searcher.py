@@ -79,7 +79,8 @@ class Searcher:
 
     @classmethod
     def from_run(cls, run, split: str, coco_root: str | Path, karpathy_file: str | None = None,
-                 detector_weights: str | None = None, limits: Limits | None = None, cache_dir: str | None = None):
+                 detector_weights: str | None = None, limits: Limits | None = None, cache_dir: str | None = None,
+                 dataset: str = "auto"):
         """Load a run, or several (a list: their ensemble, :mod:`crossmodal.ensemble`), checked by
         :mod:`crossmodal.runs`; raises the project's errors (one line each) on a misfit."""
         from .coco import load_split
@@ -94,7 +95,7 @@ class Searcher:
         img, _, _, im, tm = scored.emb
         img_ids = np.asarray(im["ids"], dtype=np.int64)
         cap_ids = np.asarray(tm["ids"], dtype=np.int64)
-        sp = load_split(coco_root, split, karpathy_file, skip_bad=True)
+        sp = load_split(coco_root, split, karpathy_file, skip_bad=True, dataset=dataset)
         scored.check_split(sp, coco_root)  # its ids, and the data its features were made from, as it is now
         text_of = dict(zip(sp.caption_ids.tolist(), sp.captions, strict=True))
         file_of = {int(i): sp.image_path(r) for r, i in enumerate(sp.image_ids)}

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_IMAGE_BATCH, DEFAULT_WAIT_MS
 from .cli import (
+    add_dataset_arg,
     int_in_range,
     non_negative_float,
     non_negative_int,
@@ -200,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="the split whose embeddings and index are served")
     p.add_argument("--coco-root", required=True, help="the COCO folder the split's images and captions are in")
     p.add_argument("--karpathy-file", default=None)
+    add_dataset_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="port (0: any free one)")
     p.add_argument("--detector-weights", default=None, help="fasterrcnn runs: the weights file the features used")
@@ -245,7 +247,7 @@ def run(argv=None) -> None:
     log.info("uploads: %d decoded at once, %d more may wait, %d pixels in flight at most", limits.upload_slots,
              limits.upload_queue, limits.pixel_budget)
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, a.karpathy_file, a.detector_weights, limits,
-                                 a.cache_dir)
+                                 a.cache_dir, a.dataset)
     searcher.set_batching(a.max_batch, a.batch_wait_ms, a.max_upload_batch)
     log.info("batching: %s", searcher.encoders.describe())
     if any(c != "given" for c in searcher.info["chosen"].split(" + ")):

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 def safe_split_name(split: str) -> str:
     """A file-safe, unambiguous form of a split name: ``train2017[:70]`` -> ``train2017_0-70``,
     ``train2017[70:]`` -> ``train2017_70-end`` (two slices never share a file)."""
-    from .coco import parse_split
+    from .splits import parse_split
 
     base, sl = parse_split(split)
     safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", base).strip("_")
