@@ -119,8 +119,8 @@ def _train_epoch_s(steps: int, rounds: int) -> dict[str, float]:
     out: dict = {"matmul_gflops": matmul_gflops(), "load": os.getloadavg()[0],
                  "default_setting": f"--step {DEFAULT_STEP} --precision {DEFAULT_PRECISION}"}
     settings = {"before": ["--step", "exact", "--precision", "fp32"], "now": []}
-    for name, d in (("fasttext", 300), ("minilm", 384)):
-        res = interleaved(d, DEFAULT_NEGATIVES, steps, rounds, settings, d_img=1280)
+    for name, d, enc in (("fasttext", 300, "fasttext"), ("minilm", 384, "bert")):
+        res = interleaved(d, DEFAULT_NEGATIVES[enc][0], steps, rounds, settings, d_img=1280)
         for k, (rate, _, gflops) in res.items():
             out[f"{name}_{k}"], out[f"{name}_{k}_peak_pct"] = N_TRAIN_CAP / rate, 100 * gflops / out["matmul_gflops"]
     return out

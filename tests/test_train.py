@@ -50,7 +50,7 @@ def test_training_learns_in_both_directions(demo_features, tmp_path, main, direc
     run = tmp_path / f"{direction}_{enc}"
     rows = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(20)) and rows[-1]["loss"] < rows[0]["loss"]
-    assert json.loads((run / "args.json").read_text())["negatives"] == "random"
+    assert json.loads((run / "args.json").read_text())["negatives"] == {"fasttext": "random", "bert": "hardest"}[enc]
     ck = load_checkpoint(run / "best.pt")  # weights_only=True
     assert ck["epoch"] == best["epoch"] and ck["txt_features"]["encoder"] == enc
     # best.pt is the first epoch with the highest validation rsum, and its heads score that epoch's numbers
