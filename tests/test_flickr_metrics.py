@@ -1,6 +1,7 @@
 """The Flickr 1K protocol (crossmodal/protocols.py) and the Flickr8k human-judgement metrics
 (crossmodal/judgements.py), each against a naive reference on seeded random data (with ties)."""
 
+import json
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from crossmodal.judgements import (
 )
 from crossmodal.metrics import evaluate
 from crossmodal.protocols import evaluate_split, flickr_order, published
-from crossmodal.store import save_features
+from crossmodal.store import read_meta, save_features
 from tests.flickr_fixtures import write_judgements
 from tests.test_protocols import fake_run
 
@@ -194,10 +195,12 @@ def test_metric_script_on_a_flickr8k_test_split(tmp_path, capsys):
         save_features(tmp_path / f"test_{kind}_x.npy", np.zeros((n, 2), np.float32),
                       {"kind": kind, "split": "test", "ids": (img_ids if kind == "img" else cap_ids).tolist(),
                        "source": "flickr8k:/data/Flickr8k.token.txt (Flickr_8k.testImages.txt)"})
-    for p in (run / "embeddings").glob("*.json"):
-        meta = __import__("json").loads(p.read_text())
-        meta["features"] = f"../test_{meta['kind']}_x.npy"
-        p.write_text(__import__("json").dumps(meta))
+    for p in (run / "embeddings").glob("*.json"):  # embeddings made from those feature files, as recorded
+        meta = json.loads(p.read_text())
+        feats = tmp_path / f"test_{meta['kind']}_x.npy"
+        meta["features"] = f"../{feats.name}"
+        meta["job"]["inputs"][meta["kind"]] = read_meta(feats)["files"][feats.name]["sha256"]
+        p.write_text(json.dumps(meta))
     t = t2i_main(["--run", str(run), "--split", "test", "--protocol", "1k"])
     out = capsys.readouterr().out
     assert "1,000 images x 5 captions in the standard order of the Flickr8k test" in out
