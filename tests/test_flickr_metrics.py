@@ -196,7 +196,9 @@ def test_metric_script_on_a_flickr8k_test_split(tmp_path, capsys):
                        "source": "flickr8k:/data/Flickr8k.token.txt (Flickr_8k.testImages.txt)"})
     for p in (run / "embeddings").glob("*.json"):
         meta = __import__("json").loads(p.read_text())
-        meta["features"] = f"../test_{meta['kind']}_x.npy"
+        meta["features"] = f"../test_{meta['kind']}_x.npy"  # and made from them (what the readers check)
+        fmeta = __import__("json").loads((tmp_path / f"test_{meta['kind']}_x.json").read_text())
+        meta["job"]["inputs"][meta["kind"]] = fmeta["files"][f"test_{meta['kind']}_x.npy"]["sha256"]
         p.write_text(__import__("json").dumps(meta))
     t = t2i_main(["--run", str(run), "--split", "test", "--protocol", "1k"])
     out = capsys.readouterr().out
