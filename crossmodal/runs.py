@@ -173,7 +173,8 @@ class Run:
         common = {"run": self.dir.name, "checkpoint": rel(ck_path), "epoch": ck["epoch"], "split": split,
                   "code_version": code_version(), "normalised": bool(ck["head_config"]["img"]["l2norm"])}
         # what the features were made from, kept for the split-data check when they are moved or deleted
-        made = lambda m: {k: (m.get("job") or {}).get(k) for k in ("data", "rows", "encoder")}  # noqa: E731
+        made = lambda m: {**{k: (m.get("job") or {}).get(k) for k in ("data", "rows", "encoder")},  # noqa: E731
+                          "source": m.get("source")}
         metas = {
             "img": dict(common, kind="img", ids=pairs.img_meta["ids"], features=rel(img_npy),
                         features_job=made(pairs.img_meta)),

@@ -122,6 +122,20 @@ def test_a_run_moved_away_from_its_features_still_checks_the_split_data(serve_ru
         figures(query)
 
 
+def test_a_flickr_run_moved_away_from_its_features_keeps_its_dataset(serve_run_dir, tmp_path):  # noqa: F811
+    """``--protocol 1k`` on a Flickr8k run whose features were gone took it for COCO (the dataset was
+    read only from the feature sidecar) and asked for COCO's dataset_coco.json."""
+    import json
+
+    from crossmodal.protocols import embedded_dataset
+
+    meta = json.loads((serve_run_dir["run"] / "embeddings" / "val_emb_img.json").read_text())
+    assert meta["features_job"]["source"]  # recorded when the embeddings were made
+    meta["features"] = "../nowhere/val_img_x.npy"
+    meta["features_job"]["source"] = "flickr8k:/data/Flickr8k.token.txt (Flickr_8k.testImages.txt)"
+    assert embedded_dataset(tmp_path, meta) == "flickr8k"
+
+
 def test_a_karpathy_entry_of_the_wrong_type_is_named_so(tmp_path):
     """``"sentences": "abc"`` said 'an entry lacks the field string indices must be integers'."""
     import json
