@@ -75,7 +75,10 @@ def _read_coco(root: Path, base: str):
         ann_dir = root / "annotations"
         found = sorted(p.name[len("captions_") : -5] for p in ann_dir.glob("captions_*.json"))
         hint = f"; splits available there: {', '.join(found)}" if found else ""
-        if not found:
+        kind = flickr.detect_dataset(root)
+        if not found and kind != "coco":  # --dataset coco given on a Flickr root
+            hint = f" ({root} is a {kind} root: pass --dataset {kind} or auto)"
+        elif not found:
             hint = (f" (nor is it a Flickr root: no {flickr.FLICKR8K_TOKEN}, {flickr.FLICKR30K_TOKEN} or "
                     f"{flickr.FLICKR30K_CSV}; docs/datasets.md)")
         raise DataError(f"split {base!r}: annotation file {ann_file} does not exist{hint}")

@@ -205,8 +205,10 @@ def _read_karpathy(root: Path, parts: list[str], dataset: str, path: Path, data:
             if len(im["sentences"]) > 10:
                 raise DataError(f"{where}: {name} has {len(im['sentences'])} sentences; the id rule allows 10")
             anns += [(caption_id(pid, n), pid, s["raw"]) for n, s in enumerate(im["sentences"])]
-    except (KeyError, TypeError, AttributeError) as e:
+    except KeyError as e:
         raise DataError(f"Karpathy split file {path}: an entry lacks the field {e}") from e
+    except (TypeError, AttributeError) as e:  # a list where an object belongs, a string for a list...
+        raise DataError(f"Karpathy split file {path}: an entry has a field of the wrong type ({e})") from e
     return images, anns, image_dir(root, dataset), f"{dataset}:{path}:{'+'.join(parts)}"
 
 
@@ -267,6 +269,7 @@ def _read_token(path: Path, skip_bad: bool):
     for n, line in _lines(path):
         key, tab, text = line.partition("\t")
         name, hash_, num = key.strip().rpartition("#")
+        name = name.strip()  # "<name>.jpg #0": the caption of <name>.jpg, never dropped as another image's
         if not tab or not hash_ or not name or _number(num) is None:
             _malformed(path, n, f"expected '<image>.jpg#<0-9>' TAB caption, got {line[:60]!r}", skip_bad, skipped)
             continue

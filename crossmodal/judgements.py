@@ -26,6 +26,7 @@ Metrics (percentages like the other recall figures; P@K and mAP as fractions):
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ import numpy as np
 from .errors import DataError
 from .flickr import caption_id, photo_id
 from .metrics import metrics_from_ranks, relevant_ranks
+
+log = logging.getLogger(__name__)
 
 EXPERT_FILE, CROWD_FILE = "ExpertAnnotations.txt", "CrowdFlowerAnnotations.txt"
 EXPERT_POSITIVE, CROWD_POSITIVE = 3.0, 0.5
@@ -78,12 +81,18 @@ def judgements_digest(folder: str | Path) -> str:
 
 def read_judgements(folder: str | Path) -> Judgements:
     """Both files of ``folder`` (either may be absent), merged by pair; malformed lines are one
-    :class:`DataError` line naming the file and line."""
-    pairs: dict[tuple[int, int], list[float]] = {}
+    :class:`DataError` line naming the file and line. A pair judged on several lines of a file has
+    its judgements pooled (the mean of all its expert scores; the sum of its yes and no votes), logged."""
+    pairs: dict[tuple[int, int], list] = {}  # pair -> [expert scores, yes votes, no votes]
     files = judgement_files(folder)
     for path in files:
         expert = path.name == EXPERT_FILE
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text: {e}") from None
+        seen: dict[tuple[int, int], int] = {}
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -95,21 +104,29 @@ def read_judgements(folder: str | Path) -> Judgements:
                 if not hash_ or not num.isdigit() or int(num) > 9:
                     raise ValueError(f"caption id {f[1]!r} is not '<image>.jpg#<0-9>'")
                 key = (photo_id(f[0], where), caption_id(photo_id(name, where), int(num)))
+                rec = pairs.setdefault(key, [[], 0, 0])
                 if expert:
                     scores = [int(x) for x in f[2:]]
                     if not all(1 <= s <= 4 for s in scores):
                         raise ValueError(f"expert scores {scores} are not 1-4")
-                    pairs.setdefault(key, [np.nan, np.nan])[0] = float(np.mean(scores))
+                    rec[0] += scores
                 else:
                     yes, no = int(f[3]), int(f[4])
                     if yes < 0 or no < 0 or yes + no == 0:
                         raise ValueError(f"vote counts {yes} yes / {no} no")
-                    pairs.setdefault(key, [np.nan, np.nan])[1] = yes / (yes + no)
+                    rec[1], rec[2] = rec[1] + yes, rec[2] + no
             except ValueError as e:
                 raise DataError(f"{where}: malformed {'expert' if expert else 'CrowdFlower'} judgement ({e}): "
                                 f"{line[:60]!r}") from None
+            seen[key] = seen.get(key, 0) + 1
+        again = [k for k, c in seen.items() if c > 1]
+        if again:
+            log.warning("%s judges %d pairs on several lines (first: image %d, caption %d): their judgements are "
+                        "pooled", path, len(again), *again[0])
     keys = sorted(pairs)
-    vals = np.array([pairs[k] for k in keys], dtype=np.float64).reshape(-1, 2)
+    vals = np.array([[np.mean(pairs[k][0]) if pairs[k][0] else np.nan,
+                      pairs[k][1] / (pairs[k][1] + pairs[k][2]) if pairs[k][1] + pairs[k][2] else np.nan]
+                     for k in keys], dtype=np.float64).reshape(-1, 2)
     return Judgements(np.array([k[0] for k in keys], np.int64), np.array([k[1] for k in keys], np.int64),
                       vals[:, 0], vals[:, 1], ", ".join(str(p) for p in files))
 

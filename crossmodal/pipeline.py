@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default=d["train_split"], type=split_name,
                    help="default %(default)s (Flickr8k: train)")
     p.add_argument("--val-split", default=d["val_split"], type=split_name,
-                   help="default %(default)s (Flickr8k: dev; Karpathy files: val)")
+                   help="default %(default)s (on Flickr8k's official files, which have no val: dev)")
     p.add_argument("--out", default="demo", type=run_name, help="results go to features/<out>/ and runs/<out>/")
     p.add_argument("--image-encoder", default=d["image_encoder"], choices=["effnet-lite0", "fasterrcnn"])
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
@@ -173,6 +173,14 @@ def _run(a, runs: Path) -> dict:
         from .errors import DataError
 
         raise DataError("give --demo or --coco-root")
+    if a.val_split == "val" and not a.karpathy_file:  # Flickr8k's official lists have no val: its held-out one is dev
+        from .flickr import KARPATHY_FILES, resolve_dataset
+
+        root = Path(a.coco_root)
+        official = not (root / KARPATHY_FILES["flickr8k"]).is_file()
+        if official and resolve_dataset(root, a.dataset, None, None) == "flickr8k":
+            log.info("Flickr8k's official splits are train/dev/test: validating on dev")
+            a.val_split = "dev"
     feats = Path("features") / a.out
     data = ["--coco-root", a.coco_root, "--dataset", a.dataset] + (
         ["--karpathy-file", a.karpathy_file] if a.karpathy_file else [])

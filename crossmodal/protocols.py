@@ -84,16 +84,18 @@ def published(protocol: str, dataset: str = "coco") -> list[dict]:
 
 def embedded_dataset(run_dir: str | Path, img_meta: dict) -> str:
     """``coco``, ``flickr8k`` or ``flickr30k``: the dataset a run's embeddings (``img_meta``, their
-    sidecar) were made from, read from the ``source`` of the feature sidecar they name."""
+    sidecar) were made from, read from the ``source`` of the feature sidecar they name (or, when those
+    features are gone, from what the embeddings recorded of them: ``features_job.source``)."""
     from .store import read_meta
 
+    recorded = dataset_of_source((img_meta.get("features_job") or {}).get("source") or "")  # features moved since
     feats = img_meta.get("features")
     if not feats:
-        return "coco"
+        return recorded
     try:
         return dataset_of_source(read_meta(Path(run_dir) / feats).get("source", ""))
     except (OSError, DataError, ModelError, ValueError):
-        return "coco"
+        return recorded
 
 
 # --- the standard caption order ---------------------------------------------------------

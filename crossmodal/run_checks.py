@@ -82,14 +82,17 @@ def check_split_data(run_dir: Path, split_name: str, emb_metas: tuple[dict, dict
     data digest (``job.data`` over ``job.rows``) is computed again on the split as it is. Captions
     are compared by id and text; images as the feature stage compares them (id, size, modification
     and change time: a copied or moved dataset counts as changed, as ``make_database_img.py`` would
-    rebuild from it)."""
+    rebuild from it). Features moved or deleted since are checked by what the embeddings recorded of
+    them when they were made (their sidecar's ``features_job``)."""
     from .extract import data_digest
 
     for kind, meta in zip(("text", "img"), emb_metas[::-1], strict=True):
         npy = features_of(run_dir, meta)
         job = (read_sidecar(sidecar_path(npy)) or {}).get("job") if npy is not None else None
-        if not isinstance(job, dict) or "data" not in job:
-            continue  # gone (check_embeddings_inputs said so) or an older file without a data digest
+        if not isinstance(job, dict) or "data" not in job:  # gone: what the embeddings recorded of them
+            job = meta.get("features_job")
+        if not isinstance(job, dict) or not isinstance(job.get("data"), str):
+            continue  # older embeddings of features that are gone, or features without a data digest
         n = split.num_captions if kind == "text" else split.num_images
         rows = job.get("rows")
         same = (isinstance(rows, list) and len(rows) == 2 and all(type(r) is int for r in rows)

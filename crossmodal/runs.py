@@ -44,7 +44,7 @@ from .ensemble import StackedEncoder, StackedHead, combine, ensemble_dir
 from .errors import DataError, FeatureError, ModelError
 from .index import build_index, describe, index_bytes, load_index, resolve_kind, stale_on
 from .outputs import check, diff, locked, publish, read_sidecar, save_npy, tmp_path, write_bytes
-from .run_checks import check_embeddings_inputs, check_in_split, check_reproduces, check_split_data
+from .run_checks import check_embeddings_inputs, check_in_split, check_reproduces, check_split_data, embed_again
 from .run_state import check_disjoint, feature_digest
 from .store import feature_path, file_digest, load_features, read_meta, rows_digest, safe_split_name, sidecar_path
 
@@ -172,9 +172,13 @@ class Run:
         rel = lambda p: os.path.relpath(Path(p).resolve(), self.dir.resolve())  # noqa: E731
         common = {"run": self.dir.name, "checkpoint": rel(ck_path), "epoch": ck["epoch"], "split": split,
                   "code_version": code_version(), "normalised": bool(ck["head_config"]["img"]["l2norm"])}
+        # what the features were made from, kept for the split-data check when they are moved or deleted
+        made = lambda m: {**{k: (m.get("job") or {}).get(k) for k in ("data", "rows", "encoder")},  # noqa: E731
+                          "source": m.get("source")}
         metas = {
-            "img": dict(common, kind="img", ids=pairs.img_meta["ids"], features=rel(img_npy)),
-            "text": dict(common, kind="text", features=rel(txt_npy),
+            "img": dict(common, kind="img", ids=pairs.img_meta["ids"], features=rel(img_npy),
+                        features_job=made(pairs.img_meta)),
+            "text": dict(common, kind="text", features=rel(txt_npy), features_job=made(pairs.txt_meta),
                          ids=np.asarray(pairs.txt_meta["ids"])[keep_caps].tolist(),
                          image_ids=np.asarray(pairs.txt_meta["image_ids"])[keep_caps].tolist()),
         }
@@ -202,8 +206,15 @@ class Run:
         from .coco import rows_of
 
         p = embedding_paths(self.dir, split)
-        img, im = load_features(p["img"])
-        txt, tm = load_features(p["text"])
+        for kind in ("img", "text"):
+            if not p[kind].is_file():
+                raise FeatureError(f"{p[kind]} does not exist: run {self.dir} has no embeddings of split {split!r} "
+                                   f"yet; make them with {embed_again(self.dir, split)}")
+        try:
+            img, im = load_features(p["img"])
+            txt, tm = load_features(p["text"])
+        except FeatureError as e:  # damaged embeddings: name their stage, not "the stage that makes it"
+            raise FeatureError(f"{e} (embeddings are made by {embed_again(self.dir, split)})") from None
         for meta, path, kind in ((im, p["img"], "img"), (tm, p["text"], "text")):
             check_embeddings_inputs(self.dir, split, meta, path, kind)  # checkpoint and features as they were
         img_ids, cap_img_ids = np.asarray(im["ids"], dtype=np.int64), np.asarray(tm["image_ids"], dtype=np.int64)

@@ -230,13 +230,18 @@ class Searcher:
         return path
 
     def thumbnail(self, image_id: int) -> Path:
-        """A JPEG thumbnail (longer side ``thumb_size``), made once and cached on disk (atomic write)."""
+        """A JPEG thumbnail (longer side ``thumb_size``), made once and cached on disk (atomic write).
+        Its name carries the source file's size, modification and change time (as the feature
+        stage's data digest does), so an image replaced since never gets its old thumbnail."""
         from .coco import load_image
-
-        src = self.image_path(image_id)
+        from .outputs import json_digest
         from .store import safe_split_name
 
-        out = self.cache_dir / safe_split_name(self.split_name) / f"{int(image_id)}_{self.limits.thumb_size}.jpg"
+        src = self.image_path(image_id)
+        st = src.stat()
+        stamp = json_digest([st.st_size, st.st_mtime_ns, st.st_ctime_ns])[:8]
+        out = (self.cache_dir / safe_split_name(self.split_name) /
+               f"{int(image_id)}_{self.limits.thumb_size}_{stamp}.jpg")
         if out.is_file():
             return out
         try:

@@ -262,9 +262,33 @@ def run(argv=None) -> None:
     # what is loaded now lives as long as the server: out of the collector's scans, whose full
     # passes over a full-COCO gallery (760K objects) stopped every query for 135 ms (BENCHMARKS.md)
     gc.freeze()
-    log.info("open http://%s:%d/ (Ctrl-C stops)", a.host, a.port)
-    uvicorn.run(create_app(searcher), host=a.host, port=a.port, log_level="warning", access_log=False,
-                limit_concurrency=a.max_connections)
+    if a.port:
+        check_port(a.host, a.port)
+        log.info("open http://%s:%d/ (Ctrl-C stops)", a.host, a.port)
+    else:  # the port is chosen when uvicorn binds: its own line says which
+        log.info("--port 0: uvicorn's line below gives the address to open (Ctrl-C stops)")
+    uvicorn.run(create_app(searcher), host=a.host, port=a.port, log_level="warning" if a.port else "info",
+                access_log=False, limit_concurrency=a.max_connections)
+
+
+def check_port(host: str, port: int) -> int:
+    """``port`` if the server can listen on it, tried by binding it as uvicorn does
+    (``SO_REUSEADDR``) before the page's address is printed (0: a free port's number). A port in
+    use or an address that cannot be bound is one :class:`DataError` line (exit 2), not the page's
+    address followed by uvicorn's error and exit code 3."""
+    import socket
+
+    from .errors import DataError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            return int(sock.getsockname()[1])
+    except OSError as e:
+        raise DataError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}"
+                        f"{'; pick another --port (0: any free one)' if e.errno == errno.EADDRINUSE else ''}") from None
 
 
 def main(argv=None) -> None:

@@ -95,7 +95,7 @@ main({argv!r})
 
 
 def _query_threads(paths: dict, *flags: str) -> list[dict]:
-    argv = ["--run", str(paths["run"]), "--split", "val", "--coco-root", str(paths["root"]), *flags]
+    argv = ["--run", str(paths["run"]), "--split", "val", "--coco-root", str(paths["root"]), "--port", "0", *flags]
     r = subprocess.run([sys.executable, "-c", THREADS.format(root=str(ROOT), argv=argv)], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
