@@ -120,8 +120,8 @@ def configs() -> list[Config]:
     mp, l2 = _txt(model="mpnet"), _img(variant=2)
     c = [
         # the defaults spelled out (so their runs are the vse-* rows' runs); check_defaults() checks they are
-        Config("defaults", "img2text_bert.py's defaults (crossmodal/train.py build_parser)", argv=PREV),
-        Config("defaults-t2i", "text2img_bert.py's defaults", argv=PREV, direction="text2img"),
+        Config("defaults", "img2text_bert.py's defaults (crossmodal/train.py build_parser)", argv=NEW),
+        Config("defaults-t2i", "text2img_bert.py's defaults", argv=NEW, direction="text2img"),
         Config("prev-defaults", "img2text_bert.py's defaults before the residual head", argv=PREV),
         Config("prev-defaults-t2i", "text2img_bert.py's defaults before the residual head", argv=PREV,
                direction="text2img"),

@@ -67,3 +67,19 @@ def test_head_flag_is_recorded_and_older_runs_stay_the_same(demo_features, tmp_p
     run = tmp_path / "mlp" / "img2text_fasttext"
     assert "head" not in json.loads((run / "args.json").read_text())
     assert img2text_main([*args, "--runs-dir", str(tmp_path / "mlp"), "--head", "mlp"])["epochs_run"] == 1
+
+
+def test_bert_defaults_and_the_seed_recipe_one_flag_string_away():
+    """The BERT scripts default to the Flickr8k recipe (residual head, 2,048 wide, 6 epochs, VSE++);
+    SEED_RECIPE given to them trains as the seed did, i.e. as the fastText scripts' defaults."""
+    from crossmodal.train import DEFAULT_MARGIN, SEED_RECIPE, build_parser
+
+    keys = ("negatives", "warmup_epochs", "head", "hidden", "epochs", "dropout", "lr", "out_dim")
+    bert = vars(build_parser("img2text", "bert").parse_args(["--features-dir", "."]))
+    assert {k: bert[k] for k in ("negatives", "warmup_epochs", "head", "hidden", "epochs")} == {
+        "negatives": "hardest", "warmup_epochs": 2, "head": "residual", "hidden": 2048, "epochs": 6}
+    seed = vars(build_parser("text2img", "bert").parse_args(["--features-dir", ".", *SEED_RECIPE.split()]))
+    fasttext = vars(build_parser("text2img", "fasttext").parse_args(["--features-dir", "."]))
+    assert {k: seed[k] for k in keys} == {k: fasttext[k] for k in keys}
+    assert seed["margin"] == (fasttext["margin"] or DEFAULT_MARGIN[fasttext["negatives"]]) == 1.0
+    assert fasttext["head"] == "mlp" and fasttext["hidden"] == 1024 and fasttext["epochs"] == 30
