@@ -205,6 +205,8 @@ def trained_settings(cfg: Config, epochs: int) -> dict:
     from crossmodal.train_step import resolve_precision
 
     s = vars(training_args(cfg, 0, epochs))
+    if s.get("head") == "mlp":  # added later at the value runs trained with before: cached runs stay valid
+        del s["head"]
     return {**s, "precision": resolve_precision(s["precision"], "cpu"), "seed": None}
 
 

@@ -113,14 +113,14 @@ def _train_epoch_s(steps: int, rounds: int) -> dict[str, float]:
     ``rounds``; also this process's float32 matmul GFLOP/s measured just before, and the % of it
     each loop reached (a loaded machine lowers both alike)."""
     from bench.train_throughput import interleaved, matmul_gflops
-    from crossmodal.train import DEFAULT_NEGATIVES
+    from crossmodal.train import DEFAULTS
     from crossmodal.train_step import DEFAULT_PRECISION, DEFAULT_STEP
 
     out: dict = {"matmul_gflops": matmul_gflops(), "load": os.getloadavg()[0],
                  "default_setting": f"--step {DEFAULT_STEP} --precision {DEFAULT_PRECISION}"}
     settings = {"before": ["--step", "exact", "--precision", "fp32"], "now": []}
     for name, d, enc in (("fasttext", 300, "fasttext"), ("minilm", 384, "bert")):
-        res = interleaved(d, DEFAULT_NEGATIVES[enc][0], steps, rounds, settings, d_img=1280)
+        res = interleaved(d, DEFAULTS[enc]["negatives"], steps, rounds, settings, d_img=1280)
         for k, (rate, _, gflops) in res.items():
             out[f"{name}_{k}"], out[f"{name}_{k}_peak_pct"] = N_TRAIN_CAP / rate, 100 * gflops / out["matmul_gflops"]
     return out

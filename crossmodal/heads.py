@@ -10,16 +10,21 @@ from torch import nn
 class ProjectionHead(nn.Module):
     """Standardise -> Linear(d_in, hidden) -> ReLU -> Dropout -> Linear(hidden, out_dim) -> L2-normalise.
 
-    (N, d_in) -> (N, out_dim). The input standardisation (per-dimension mean and std of the
-    training features, buffers saved with the weights) matters: fastText sentence vectors,
-    for one, differ from each other by ~1e-4 per dimension around a large common mean."""
+    (N, d_in) -> (N, out_dim). ``residual=True`` adds a linear path beside the MLP (VSE∞'s head on
+    precomputed features: ``Linear(d_in, out_dim)(x) + MLP(x)``, before the normalisation). The input
+    standardisation (per-dimension mean and std of the training features, buffers saved with
+    the weights) matters: fastText sentence vectors, for one, differ from each other by ~1e-4
+    per dimension around a large common mean."""
 
-    def __init__(self, d_in: int, hidden: int = 1024, out_dim: int = 128, dropout: float = 0.1, l2norm: bool = True):
+    def __init__(self, d_in: int, hidden: int = 1024, out_dim: int = 128, dropout: float = 0.1, l2norm: bool = True,
+                 residual: bool = False):
         super().__init__()
-        self.config = {"d_in": d_in, "hidden": hidden, "out_dim": out_dim, "dropout": dropout, "l2norm": l2norm}
+        self.config = {"d_in": d_in, "hidden": hidden, "out_dim": out_dim, "dropout": dropout, "l2norm": l2norm,
+                       "residual": residual}
         self.register_buffer("mean", torch.zeros(d_in))
         self.register_buffer("std", torch.ones(d_in))
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+        self.skip = nn.Linear(d_in, out_dim) if residual else None
         self.l2norm = l2norm
 
     @torch.no_grad()
@@ -34,9 +39,11 @@ class ProjectionHead(nn.Module):
         unit is dropped), used instead of the Dropout layer's own (torch's RNG) mask. The output is
         float32 also under autocast (the last Linear's output is cast before the normalisation)."""
         lin1, relu, drop, lin2 = self.net
-        h = relu(lin1((x - self.mean) / self.std))
+        x = (x - self.mean) / self.std
+        h = relu(lin1(x))
         h = drop(h) if keep is None else h * keep
-        y = lin2(h).float()
+        y = lin2(h) if self.skip is None else lin2(h) + self.skip(x)
+        y = y.float()
         return F.normalize(y, dim=-1) if self.l2norm else y
 
 

@@ -75,6 +75,7 @@ def stage_defaults() -> dict:
     tr = train.build_parser("img2text", "fasttext")
     return {"train_split": tr.get_default("train_split"), "val_split": tr.get_default("val_split"),
             "epochs": tr.get_default("epochs"), "image_encoder": img.get_default("encoder"),
+            "bert_epochs": train.build_parser("img2text", "bert").get_default("epochs"),
             **{k: text.get_default(k) for k in ("bert_model", "fasttext_dim", "fasttext_bucket", "fasttext_epoch")}}
 
 
@@ -106,7 +107,9 @@ def parser() -> argparse.ArgumentParser:
                    **own("fasttext_bucket", "make_database_text.py"))
     p.add_argument("--fasttext-epoch", type=int_in_range(1, 1000), **own("fasttext_epoch", "make_database_text.py"))
     p.add_argument("--epochs", type=positive_int, default=d["epochs"],
-                   help="training epochs of each model (default: the training scripts', %(default)s)")
+                   help="training epochs of each of the four models (default %(default)s, the fastText scripts' own; "
+                        f"the BERT scripts' own, {d['bert_epochs']}, was chosen on Flickr8k's 6,000 images and "
+                        "undertrains a few hundred, such as the demo's)")
     p.add_argument("--demo-train", type=int_in_range(2, 1_000_000), default=400, help="demo images in train")
     p.add_argument("--demo-val", type=int_in_range(2, 1_000_000), default=100, help="demo images in val")
     p.add_argument("--skip-bad", action="store_true")

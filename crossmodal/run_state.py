@@ -37,7 +37,7 @@ _RUN_ONLY = ("force", "resume", "verbose", "device", "no_progress", "runs_dir", 
              "features_dir_from_run")
 # settings added later, at the value that trains as runs did before they existed: left out of the
 # record, so a run recorded then is still the same run (crossmodal/train_step.py)
-_OLD_LOOP = {"step": "exact", "precision": "fp32"}
+_OLD_LOOP = {"step": "exact", "precision": "fp32", "head": "mlp"}
 
 
 def read_results(path: Path, upto_epoch: int | None = None) -> list[dict]:

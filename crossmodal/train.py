@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,6 @@ from .cli import (
     setup_logging,
     split_name,
 )
-from .coco import rows_of
 from .encoders import check_features_fit, encoder_identity  # noqa: F401 (check_features_fit: re-exported)
 from .errors import DataError, FeatureError, ModelError
 from .heads import ProjectionHead, hardest_negative_loss, infonce_loss, random_negative_loss
@@ -57,6 +55,7 @@ from .outputs import (
     remove,
     write_json,
 )
+from .pairs import Pairs, _take, check_finite, embed_bank, load_pairs  # noqa: F401 (check_finite: re-exported)
 from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_results: re-exported)
     check_disjoint,
     check_text_model,
@@ -70,105 +69,33 @@ from .run_state import (  # noqa: F401 (check_disjoint, feature_digest, read_res
     settle_precision,
     start_state,
 )
-from .store import check_split, feature_path, load_features
+from .store import feature_path
 from .train_step import HeadPass, add_step_args, make_optimizer
 from .triplets import TripletCOCO_Img2Text, TripletCOCO_Text2Img
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVES = {  # BERT: chosen on Flickr8k train/dev, 6,000 images (bench/flickr8k.py; BENCHMARKS.md);
-    "bert": ("hardest", 2),  # (negatives, warm-up epochs); fastText keeps the seed's (hardest lost on the demo,
-    "fasttext": ("random", 0),  # and fastText was not measured on Flickr8k)
+# The defaults per caption encoder. BERT: chosen on Flickr8k train/dev, 6,000 images (bench/flickr8k.py,
+# BENCHMARKS.md): VSE++ after 2 warm-up epochs, a residual head 2,048 wide, 6 epochs of cosine-decayed lr.
+# fastText keeps the seed's (hardest negatives lost on the demo; fastText was not measured on Flickr8k).
+DEFAULTS = {
+    "bert": {"negatives": "hardest", "warmup_epochs": 2, "head": "residual", "hidden": 2048, "epochs": 6},
+    "fasttext": {"negatives": "random", "warmup_epochs": 0, "head": "mlp", "hidden": 1024, "epochs": 30},
 }
 # The seed's recipe (kept one flag string away, named in --help; the defaults before Flickr8k, chosen by 5-fold CV
 # on 110 COCO images, bench/cv_defaults.py): it loses half the rsum at 6,000 images.
-SEED_RECIPE = "--negatives random --margin 1.0 --warmup-epochs 0"
+SEED_RECIPE = "--negatives random --margin 1.0 --warmup-epochs 0 --head mlp --hidden 1024 --epochs 30"
 DEFAULT_MARGIN = {"random": 1.0, "hardest": 0.2, "sum": 0.2, "infonce": 0.0}  # infonce: unused
 NEGATIVES = ("random", "hardest", "sum", "infonce")
-
-
-@dataclass
-class Pairs:
-    """Features of one split, captions joined to their images.
-
-    ``img`` (N_img, D_img), ``txt`` (N_cap, D_txt) float32 tensors (or memmaps),
-    ``cap_img_rows`` (N_cap,) int64."""
-
-    img: torch.Tensor | np.ndarray
-    txt: torch.Tensor | np.ndarray
-    cap_img_rows: np.ndarray
-    img_meta: dict
-    txt_meta: dict
-    cap_mask: np.ndarray  # (rows of the caption file,) True for the captions kept here
-
-
-def check_finite(bank, npy, chunk: int = 65_536) -> None:
-    """Refuse features holding NaN or infinite values (``bank`` (N, D), checked in row blocks)."""
-    for s in range(0, len(bank), chunk):
-        ok = np.isfinite(np.asarray(bank[s : s + chunk])).all(axis=1)
-        if not ok.all():
-            row = s + int(np.argmin(ok))
-            raise FeatureError(f"feature file {npy} holds NaN or infinite values (first at row {row}): "
-                               "re-extract it with --force")
-
-
-def load_pairs(img_npy: Path, txt_npy: Path, split: str | None = None, max_ram_gb: float = 8.0) -> Pairs:
-    """Load a split's image and caption features (refused if made from another ``split``);
-    captions whose image has no features (an unreadable image skipped at extraction) are
-    dropped, counted and logged."""
-    img, im = load_features(img_npy)
-    txt, tm = load_features(txt_npy)
-    if split is not None:
-        check_split(im, split, img_npy)
-        check_split(tm, split, txt_npy)
-    if im.get("kind") != "img" or tm.get("kind") != "text":
-        raise FeatureError(f"{img_npy} must hold image features and {txt_npy} caption features")
-    if len(img) == 0 or len(txt) == 0:
-        raise DataError(f"empty split: {img_npy} has {len(img)} rows, {txt_npy} has {len(txt)}")
-    check_finite(img, img_npy)
-    check_finite(txt, txt_npy)
-    img_ids = np.asarray(im["ids"], dtype=np.int64)
-    cap_img_ids = np.asarray(tm["image_ids"], dtype=np.int64)
-    keep = np.isin(cap_img_ids, img_ids)
-    if not keep.all():
-        log.warning("%s: %d captions dropped: their images have no features in %s", txt_npy, (~keep).sum(), img_npy)
-    if not keep.any():
-        raise FeatureError(f"no caption in {txt_npy} belongs to an image in {img_npy}: different splits?")
-    rows = rows_of(img_ids, cap_img_ids[keep])
-    in_ram = (img.nbytes + txt.nbytes) / 2**30 <= max_ram_gb
-
-    def bank(a, sel=None):
-        if sel is not None and not sel.all():
-            a = a[sel]
-        return torch.from_numpy(np.array(a, dtype=np.float32)) if in_ram else a  # np.array: a writable copy
-
-    return Pairs(bank(img), bank(txt, keep), rows, im, tm, keep)
-
-
-def _take(bank, idx: np.ndarray, device) -> torch.Tensor:
-    """Rows ``idx`` of a feature bank as a (len(idx), D) tensor on ``device``."""
-    if torch.is_tensor(bank):
-        return bank[torch.from_numpy(idx).to(bank.device)].to(device, non_blocking=True)
-    return torch.from_numpy(np.asarray(bank[np.sort(idx)])[np.argsort(np.argsort(idx))]).to(device)
-
-
-@torch.inference_mode()
-def embed_bank(head: ProjectionHead, bank, device=None, chunk: int = 8192) -> torch.Tensor:
-    """Project every row of a feature bank (N, d_in) with ``head`` in eval mode: (N, out_dim) on the CPU."""
-    head.eval()
-    device = device or next(head.parameters()).device
-    parts = [head(_take(bank, np.arange(s, min(s + chunk, len(bank))), device)).float().cpu()
-             for s in range(0, len(bank), chunk)]
-    return torch.cat(parts)
 
 
 def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=f"Train the projection heads, {direction} triplets, {text_encoder} caption features.",
-        epilog=("The loss's defaults for BERT captions (VSE++: the hardest in-batch negative, margin 0.2, after 2 "
-                "warm-up epochs of summed negatives) were chosen on Flickr8k train/dev (6,000 images; BENCHMARKS.md "
-                "'Flickr8k at real scale'). The seed's recipe, which 110-image cross-validation had chosen (and the "
-                f"fastText scripts' default): {SEED_RECIPE}"))
+        epilog=("The defaults for BERT captions (VSE++: the hardest in-batch negative, margin 0.2, after 2 warm-up "
+                "epochs of summed negatives; a residual head 2,048 wide; 6 epochs) were chosen on Flickr8k train/dev "
+                "(6,000 images; BENCHMARKS.md 'Flickr8k at real scale'). The seed's recipe, which 110-image "
+                f"cross-validation had chosen (and the fastText scripts' default): {SEED_RECIPE}"))
     p.add_argument("--features-dir", default="features", type=existing_dir)
     p.add_argument("--train-split", default="train", type=split_name)
     p.add_argument("--val-split", default="val", type=split_name)
@@ -177,21 +104,24 @@ def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--name", default=None, type=run_name, help=f"run name (default {direction}_{text_encoder})")
     p.add_argument("--direction", default=direction, choices=["img2text", "text2img", "both"])
-    negatives, warmup = DEFAULT_NEGATIVES[text_encoder]
-    p.add_argument("--negatives", default=negatives, choices=NEGATIVES,
+    p.add_argument("--negatives", choices=NEGATIVES,
                    help="random: one sampled negative, TripletMarginLoss (the seed's recipe, see below); "
                         "hardest: in-batch hardest negative, VSE++ hinge on cosine; sum: hinges summed over "
                         "all in-batch negatives (VSE0); infonce: in-batch softmax cross-entropy (CLIP)")
     p.add_argument("--margin", type=non_negative_float, default=None, help="default 1.0 (random) or 0.2 (hardest, sum)")
-    p.add_argument("--warmup-epochs", type=non_negative_int, default=warmup,
+    p.add_argument("--warmup-epochs", type=non_negative_int,
                    help="with --negatives hardest: sum the hinges over all in-batch negatives for this many "
                         "epochs first (VSE++/VSE∞ warm-up)")
     p.add_argument("--temperature", type=positive_float, default=0.05, help="--negatives infonce: softmax temperature")
-    p.add_argument("--hidden", type=positive_int, default=1024)
+    p.add_argument("--hidden", type=positive_int, help="the head's hidden width (default %(default)s)")
+    p.add_argument("--head", choices=["mlp", "residual"],
+                   help="mlp: standardise, Linear-ReLU-Dropout-Linear; residual: + a linear path beside it (VSE∞) "
+                        "(default %(default)s)")
     p.add_argument("--out-dim", type=positive_int, default=128)
     p.add_argument("--dropout", type=probability, default=0.1)
     p.add_argument("--no-l2norm", action="store_true", help="do not L2-normalise the head outputs")
-    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--epochs", type=positive_int,
+                   help="default %(default)s (BERT scripts: 6, chosen on 6,000 images; a few hundred need more)")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "none"])
@@ -203,6 +133,7 @@ def build_parser(direction: str, text_encoder: str) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_step_args(p)
     add_run_args(p, batch_size=128)
+    p.set_defaults(**DEFAULTS[text_encoder])
     return p
 
 
@@ -212,7 +143,8 @@ class Trainer:
     def __init__(self, args, train: Pairs, val: Pairs | None, device):
         self.args, self.train, self.val, self.device = args, train, val, device
         torch.manual_seed(args.seed)
-        kw = {"hidden": args.hidden, "out_dim": args.out_dim, "dropout": args.dropout, "l2norm": not args.no_l2norm}
+        kw = {"hidden": args.hidden, "out_dim": args.out_dim, "dropout": args.dropout, "l2norm": not args.no_l2norm,
+              "residual": getattr(args, "head", "mlp") == "residual"}
         self.img_head = ProjectionHead(train.img.shape[1], **kw).to(device)
         self.txt_head = ProjectionHead(train.txt.shape[1], **kw).to(device)
         for head, bank in ((self.img_head, train.img), (self.txt_head, train.txt)):
