@@ -15,20 +15,24 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
          "--disable-default-apps", "--window-size=1280,900", "--force-device-scale-factor=1")
 
 
+@contextmanager
 def serve_in_thread(searcher):
-    """Start the app over ``searcher`` on a free loopback port; returns ``(url, server, thread)``."""
+    """The app over ``searcher``, served by uvicorn in a thread on a free loopback port; yields its URL."""
     import uvicorn
 
     from crossmodal.serve import create_app
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn does when it binds itself
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning", access_log=False))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -36,19 +40,21 @@ def serve_in_thread(searcher):
     deadline = time.time() + 60
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    if not srv.started:
-        raise SystemExit("the search server did not start within 60 s")
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", srv, thread
+    try:
+        if not srv.started:
+            raise RuntimeError("the search server did not start within 60 s")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
-def screenshot(url: str, query: str, k: int, out: Path, chromium: str, chromedriver: str) -> None:
-    """Type ``query`` on the page at ``url``, wait for its ``k`` images, save a 1280x900 screenshot
-    (PNG, or JPEG when ``out`` ends in .jpg)."""
+@contextmanager
+def chromium_driver(chromium: str = CHROMIUM, chromedriver: str = CHROMEDRIVER):
+    """A headless Chromium (selenium) with a throw-away profile, 1280x900, that never downloads."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
     profile = tempfile.mkdtemp(prefix="crossmodal-chromium-")
@@ -56,32 +62,43 @@ def screenshot(url: str, query: str, k: int, out: Path, chromium: str, chromedri
     opts.binary_location = chromium
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         opts.add_argument(flag)
-    d = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+    driver.set_page_load_timeout(30)
     try:
-        d.get(url + "/")
-        wait = WebDriverWait(d, 60, poll_frequency=0.1)
-        wait.until(lambda d: d.find_element(By.ID, "run-info").text.strip())
-        kbox = d.find_element(By.ID, "k")
-        kbox.clear()
-        kbox.send_keys(str(k))
-        d.find_element(By.ID, "q").send_keys(query, Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == k)
-        wait.until(lambda d: d.execute_script(
-            "const imgs = [...document.querySelectorAll('#results .card img')];"
-            "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        png = out.with_suffix(".tmp.png")
-        d.save_screenshot(str(png))  # Chromium writes PNG whatever the name
-        if out.suffix.lower() in (".jpg", ".jpeg"):
-            from PIL import Image
-
-            Image.open(png).convert("RGB").save(out, quality=88, optimize=True)
-            png.unlink()
-        else:
-            png.replace(out)
+        yield driver
     finally:
-        d.quit()
+        driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(d, url: str, query: str, k: int, out: Path) -> None:
+    """Type ``query`` on the page at ``url`` (driver ``d``), wait for its ``k`` images, save a 1280x900
+    screenshot (PNG, or JPEG when ``out`` ends in .jpg)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d.get(url + "/")
+    wait = WebDriverWait(d, 60, poll_frequency=0.1)
+    wait.until(lambda d: d.find_element(By.ID, "run-info").text.strip())
+    kbox = d.find_element(By.ID, "k")
+    kbox.clear()
+    kbox.send_keys(str(k))
+    d.find_element(By.ID, "q").send_keys(query, Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == k)
+    wait.until(lambda d: d.execute_script(
+        "const imgs = [...document.querySelectorAll('#results .card img')];"
+        "return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".tmp.png")
+    d.save_screenshot(str(png))  # Chromium writes PNG whatever the name
+    if out.suffix.lower() in (".jpg", ".jpeg"):
+        from PIL import Image
+
+        Image.open(png).convert("RGB").save(out, quality=88, optimize=True)
+        png.unlink()
+    else:
+        png.replace(out)
 
 
 def main(argv=None) -> Path:
@@ -93,8 +110,8 @@ def main(argv=None) -> Path:
     p.add_argument("--query", required=True, help="the sentence typed into the page")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", default="docs/search.png")
-    p.add_argument("--chromium", default="/usr/bin/chromium")
-    p.add_argument("--chromedriver", default="/usr/bin/chromedriver")
+    p.add_argument("--chromium", default=CHROMIUM)
+    p.add_argument("--chromedriver", default=CHROMEDRIVER)
     a = p.parse_args(argv)
     if not (Path(a.chromium).is_file() and Path(a.chromedriver).is_file()):
         raise SystemExit(f"headless Chromium not found ({a.chromium}, {a.chromedriver}): apt-get install chromium "
@@ -102,12 +119,8 @@ def main(argv=None) -> Path:
     from crossmodal.searcher import Searcher
 
     searcher = Searcher.from_run(a.run, a.split, a.coco_root, dataset=a.dataset)
-    url, srv, thread = serve_in_thread(searcher)
-    try:
-        screenshot(url, a.query, a.k, Path(a.out), a.chromium, a.chromedriver)
-    finally:
-        srv.should_exit = True
-        thread.join(10)
+    with serve_in_thread(searcher) as url, chromium_driver(a.chromium, a.chromedriver) as d:
+        screenshot(d, url, a.query, a.k, Path(a.out))
     print(f"wrote {a.out}")
     return Path(a.out)
 

@@ -1,5 +1,6 @@
 """End to end in a real browser: headless Chromium (Debian's ``chromium`` + ``chromium-driver``)
-driven by selenium against ``crossmodal.serve`` on a free loopback port.
+driven by selenium against ``crossmodal.serve`` on a free loopback port (the driver and the
+server are :mod:`bench.search_screenshot`'s, which also draws the README's screenshot).
 
 Type a caption -> images appear, the true one framed; click it -> its captions, true ones
 ticked; upload a photo -> its captions and images. Screenshots are checked not to be blank;
@@ -8,72 +9,38 @@ ticked; upload a photo -> its captions and images. Screenshots are checked not t
 
 import os
 import shutil
-import socket
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bench import search_screenshot
 from tests.test_serve import build_serve_run
 
-CHROMIUM = os.environ.get("CROSSMODAL_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CROSSMODAL_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROMIUM = os.environ.get("CROSSMODAL_CHROMIUM", search_screenshot.CHROMIUM)
+CHROMEDRIVER = os.environ.get("CROSSMODAL_CHROMEDRIVER", search_screenshot.CHROMEDRIVER)
 INSTALL = "as root: apt-get update && apt-get install -y chromium chromium-driver (or run .ci/run)"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-         "--disable-default-apps", "--window-size=1280,900", "--force-device-scale-factor=1")
 
 
 @pytest.fixture(scope="module")
 def browser():
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         pytest.skip(f"headless Chromium not found ({CHROMIUM}, {CHROMEDRIVER}); install it {INSTALL}")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -r requirements.txt")
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download anything
-    profile = tempfile.mkdtemp(prefix="crossmodal-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    try:
+    pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install -r requirements.txt")
+    with search_screenshot.chromium_driver(CHROMIUM, CHROMEDRIVER) as driver:
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app over the small generated run, served by uvicorn in a thread on a free loopback port."""
-    import uvicorn
-
-    from crossmodal.serve import Searcher, create_app
+    from crossmodal.serve import Searcher
 
     paths = build_serve_run(tmp_path_factory.getbasetemp() / "serve_run")
     searcher = Searcher.from_run(paths["run"], "val", paths["root"])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn does when it binds itself
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(searcher), log_level="warning", access_log=False))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", searcher
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with search_screenshot.serve_in_thread(searcher) as url:
+        yield url, searcher
 
 
 def _wait(driver, condition, timeout=30):
@@ -176,3 +143,15 @@ def test_search_page_in_headless_chromium(browser, server, tmp_path):
     box.clear()
     box.send_keys("a small red circle", Keys.ENTER)
     _wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == k)
+
+
+@pytest.mark.slow
+def test_the_readme_screenshot_is_the_page_with_its_results(browser, server, tmp_path):
+    """``bench.search_screenshot``: the page after a typed sentence, its k images loaded, as JPEG."""
+    base, searcher = server
+    out = tmp_path / "shot.jpg"
+    search_screenshot.screenshot(browser, base, searcher.gallery.cap_text[0], 6, out)
+    with Image.open(out) as im:
+        assert im.format == "JPEG" and im.size[0] == 1280
+    _not_blank(out)
+    assert not list(tmp_path.glob("*.png"))  # the intermediate PNG is gone
