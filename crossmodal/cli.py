@@ -320,15 +320,21 @@ _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
-def _free_space(path) -> str:
-    """`` (12.3 MB free there)`` for the file system of ``path``, or '' when unknown."""
+def free_mb(path) -> float | None:
+    """Free megabytes on the file system that holds ``path`` (its nearest existing folder), None when unknown."""
     import shutil
 
     try:
         where = next(p for p in (Path(path), *Path(path).parents) if p.exists())
-        return f" ({shutil.disk_usage(where).free / 1e6:.1f} MB free there)"
+        return shutil.disk_usage(where).free / 1e6
     except (OSError, StopIteration, TypeError, ValueError):
-        return ""
+        return None
+
+
+def _free_space(path) -> str:
+    """`` (12.3 MB free there)`` for the file system of ``path``, or '' when unknown."""
+    free = free_mb(path)
+    return "" if free is None else f" ({free:.1f} MB free there)"
 
 
 def os_error_line(e: OSError) -> str | None:

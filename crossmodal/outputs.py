@@ -128,11 +128,10 @@ def tmp_path(path: str | Path) -> Path:
 
 def _needed_mb(nbytes: int | None, path: str | Path | None = None) -> str:
     """``, 12.3 MB needed, 0.4 MB free`` (what is known of them)."""
-    free = ""
-    with contextlib.suppress(OSError, StopIteration):
-        where = next(p for p in (Path(path), *Path(path).parents) if p.exists()) if path else None
-        free = f", {shutil.disk_usage(where).free / 1e6:.1f} MB free" if where else ""
-    return (f", {nbytes / 1e6:.1f} MB needed" if nbytes else "") + free
+    from .cli import free_mb
+
+    free = free_mb(path) if path else None
+    return (f", {nbytes / 1e6:.1f} MB needed" if nbytes else "") + ("" if free is None else f", {free:.1f} MB free")
 
 
 @contextlib.contextmanager

@@ -205,15 +205,12 @@ def _make_export(module, example, outputs, dynamic, tag, precision, folder, dige
 
 def _storage_line(path: Path, module, precision: str, e: OSError) -> str:
     """One line: the export cache cannot be written, with the path, the space needed and free."""
-    import shutil
+    from .cli import free_mb
 
     need = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     need = need * 5 // 4 if precision == "int8" else need  # the fp32 export first, then the int8 one
-    where = next((p for p in (path.parent, *path.parents) if p.exists()), Path("/"))
-    try:
-        free = f", {shutil.disk_usage(where).free / 1e6:.1f} MB free"
-    except OSError:
-        free = ""
+    free = free_mb(path.parent)
+    free = "" if free is None else f", {free:.1f} MB free"
     reason = "no space left on the device" if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
         "no space" in str(e) else (e.strerror or str(e))
     return (f"the ONNX export cache cannot be written ({reason}): {path} needs about {need / 1e6:.1f} MB{free}; "
