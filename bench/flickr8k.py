@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -53,6 +54,8 @@ from bench.cv_defaults import (
     training_args,
 )
 from bench.cv_features import Features
+from crossmodal.image_encoders import DEFAULT_INPUT_SIZE
+from crossmodal.text_encoders import DEFAULT_BERT
 from crossmodal.train import SEED_RECIPE
 
 SPLITS = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt"}
@@ -107,6 +110,11 @@ def _txt(**kw) -> dict:
     return {**BASE_TXT, **kw}
 
 
+#: The default features (make_database_img.py's and make_database_text.py --encoder bert's defaults);
+#: the rows from before the defaults moved to 384 px and all-mpnet-base-v2 keep BASE_IMG / BASE_TXT
+#: (256 px, MiniLM), as they were measured.
+DEFAULT_IMG = _img(input_size=DEFAULT_INPUT_SIZE)
+DEFAULT_TXT = _txt(model=DEFAULT_BERT)
 SEED = SEED_RECIPE.split()  # the seed's recipe (the defaults before this bench)
 HW = ["--negatives", "hardest", "--warmup-epochs", "2", "--head", "mlp", "--hidden", "1024"]  # VSE++, warm-up
 PREV = [*HW, "--epochs", "30"]  # the BERT scripts' defaults before the residual head (bench --epochs 30)
@@ -120,8 +128,10 @@ def configs() -> list[Config]:
     mp, l2 = _txt(model="mpnet"), _img(variant=2)
     c = [
         # the defaults spelled out (so their runs are the vse-* rows' runs); check_defaults() checks they are
-        Config("defaults", "img2text_bert.py's defaults (crossmodal/train.py build_parser)", argv=NEW),
-        Config("defaults-t2i", "text2img_bert.py's defaults", argv=NEW, direction="text2img"),
+        Config("defaults", "img2text_bert.py's defaults (crossmodal/train.py build_parser) on the default features",
+               img=DEFAULT_IMG, txt=DEFAULT_TXT, argv=NEW),
+        Config("defaults-t2i", "text2img_bert.py's defaults on the default features", img=DEFAULT_IMG,
+               txt=DEFAULT_TXT, argv=NEW, direction="text2img"),
         Config("prev-defaults", "img2text_bert.py's defaults before the residual head", argv=PREV),
         Config("prev-defaults-t2i", "text2img_bert.py's defaults before the residual head", argv=PREV,
                direction="text2img"),
@@ -155,18 +165,49 @@ def configs() -> list[Config]:
         Config("vse-lite2-mpnet", "vse with EfficientNet-Lite2 256 px + all-mpnet-base-v2", img=l2, txt=mp,
                argv=[*VSE10, "--direction", "both"]),
     ]
-    return c
+    return c + feature_grid()
+
+
+#: Image feature settings of the grid (make_database_img.py --encoder effnet-lite<v> --input-size <px>).
+GRID_IMG = {"l0": _img(), "l1": _img(variant=1), "l2": _img(variant=2), "l0x384": _img(input_size=384),
+            "l2x384": _img(variant=2, input_size=384)}
+#: Caption feature settings of the grid (make_database_text.py --encoder bert --bert-model <m>).
+GRID_TXT = {"minilm": _txt(model="minilm"), "mpnet": _txt(model="mpnet")}
+
+
+def feature_grid() -> list[Config]:
+    """The scripts' training defaults on every image x caption feature setting of the grid, in both
+    scripts' directions: ``<img>-<txt>`` (img2text_bert.py) and ``<img>-<txt>-t2i`` (text2img_bert.py),
+    e.g. ``l2x384-mpnet-t2i``. Ensemble members that differ in what they see."""
+    out = []
+    for (ik, img), (tk, txt) in itertools.product(GRID_IMG.items(), GRID_TXT.items()):
+        for suffix, direction in (("", "img2text"), ("-t2i", "text2img")):
+            out.append(Config(f"{ik}-{tk}{suffix}", f"{direction}_bert.py's defaults on {ik} images, {tk} captions",
+                              img=img, txt=txt, argv=NEW, direction=direction))
+    return out
 
 
 def check_defaults(cfgs: dict) -> None:
-    """The ``defaults`` rows' spelled-out flags must be exactly the training scripts' defaults."""
+    """The ``defaults`` rows' spelled-out flags must be exactly the training scripts' defaults, and
+    their caption features make_database_text.py's default model."""
+    from crossmodal.databases import image_parser, text_parser
+    from crossmodal.image_encoders import build_image_encoder
     from crossmodal.train import build_parser
 
+    default_model = text_parser().get_default("bert_model")
     for name in ("defaults", "defaults-t2i"):
         c, p = cfgs[name], build_parser(cfgs[name].direction, "bert")
         if vars(p.parse_args(["--features-dir", ".", *c.argv])) != vars(p.parse_args(["--features-dir", "."])):
             raise SystemExit(f"bench/flickr8k.py: the {name!r} row's flags {c.argv} are not the scripts' defaults "
                              "any more: update NEW")
+        if c.txt.get("model") != default_model:
+            raise SystemExit(f"bench/flickr8k.py: the {name!r} row's captions are {c.txt.get('model')!r}, not "
+                             f"make_database_text.py's default {default_model!r}: update DEFAULT_TXT")
+        size = build_image_encoder("effnet-lite0", input_size=image_parser().get_default("input_size"),
+                                   runtime="torch").input_size
+        if c.img.get("input_size") != size or c.img.get("variant") != 0:
+            raise SystemExit(f"bench/flickr8k.py: the {name!r} row's images are {c.img}, not make_database_img.py's "
+                             f"default (effnet-lite0 at {size} px): update DEFAULT_IMG")
 
 
 def extra_configs(spec: str) -> list[Config]:

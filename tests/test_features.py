@@ -198,7 +198,7 @@ def _caption_shards(root, tmp, encoder) -> tuple[dict, dict, str]:
 @pytest.fixture(scope="module")
 def bert_shards(small_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bert_shards")
-    _, _, name = _caption_shards(small_root, tmp, ("--encoder", "bert", "--batch-size", "8"))
+    _, _, name = _caption_shards(small_root, tmp, ("--encoder", "bert", "--bert-model", "minilm", "--batch-size", "8"))
     return np.load(tmp / "one" / f"{name}.npy"), np.load(tmp / "sh" / f"{name}.npy"), tmp, name
 
 
@@ -367,7 +367,7 @@ def test_fasttext_pretrained_model_is_used(tmp_path, request, where):
 @ROOTS
 def test_bert_features_pooling_and_row_order(tmp_path, request, where):
     root = data_root(request, where)
-    meta = _txt(root, "val", tmp_path / "m", "--encoder", "bert", "--batch-size", "16")
+    meta = _txt(root, "val", tmp_path / "m", "--encoder", "bert", "--bert-model", "minilm", "--batch-size", "16")
     arr, side = load_features(tmp_path / "m" / "val_text_bert.npy")
     split = load_split(root, "val")
     assert arr.shape == (split.num_captions, 384) and side["settings"]["pooling"] == "mean"
@@ -380,7 +380,7 @@ def test_bert_features_pooling_and_row_order(tmp_path, request, where):
     for r in rows:
         np.testing.assert_allclose(enc.encode([split.captions[r]])[0], arr[r], rtol=1e-4, atol=1e-5)
     assert not np.allclose(arr[rows[0]], arr[rows[-1]], atol=1e-3)
-    cls = _txt(root, "val", tmp_path / "c", "--encoder", "bert", "--pooling", "cls")
+    cls = _txt(root, "val", tmp_path / "c", "--encoder", "bert", "--bert-model", "minilm", "--pooling", "cls")
     assert cls["settings"]["pooling"] == "cls"
     assert not np.allclose(load_features(tmp_path / "c" / "val_text_bert.npy")[0], arr)
     assert meta["weights"]["architecture"] == "bert"

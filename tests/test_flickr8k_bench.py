@@ -54,3 +54,14 @@ def test_defaults_rows_are_the_scripts_defaults():
     cfgs["defaults-t2i"] = dataclasses.replace(cfgs["defaults-t2i"], argv=[*cfgs["defaults-t2i"].argv, "--lr", "0.01"])
     with pytest.raises(SystemExit, match="not the scripts' defaults"):
         flickr8k.check_defaults(cfgs)
+    cfgs = {c.name: c for c in flickr8k.configs()}
+    assert cfgs["defaults"].txt["model"] == "mpnet"  # make_database_text.py's default caption encoder
+    cfgs["defaults"] = dataclasses.replace(cfgs["defaults"], txt={**cfgs["defaults"].txt, "model": "minilm"})
+    with pytest.raises(SystemExit, match="captions are 'minilm', not make_database_text.py's default 'mpnet'"):
+        flickr8k.check_defaults(cfgs)
+    cfgs = {c.name: c for c in flickr8k.configs()}
+    assert cfgs["defaults-t2i"].img["input_size"] == 384  # make_database_img.py's default
+    t2i = cfgs["defaults-t2i"]
+    cfgs["defaults-t2i"] = dataclasses.replace(t2i, img={**t2i.img, "input_size": 256})
+    with pytest.raises(SystemExit, match="not make_database_img.py's default \\(effnet-lite0 at 384 px\\)"):
+        flickr8k.check_defaults(cfgs)

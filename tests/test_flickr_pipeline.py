@@ -13,16 +13,17 @@ from crossmodal.errors import DataError
 from crossmodal.pipeline import MODELS
 from crossmodal.pipeline import run as pipeline_run
 from crossmodal.searcher import Searcher
+from crossmodal.text_encoders import DEFAULT_BERT
 from tests.conftest import shared
 from tests.flickr_fixtures import karpathy_json, make_flickr8k, make_flickr30k, photo_name
 
 SMALL = ["--input-size", "64", "--no-progress"]
 
 
-def _features(root, split, feats, *data):
+def _features(root, split, feats, *data, bert_model="minilm"):
     databases.run_image(["--coco-root", str(root), *data, "--split", split, "--features-dir", str(feats), *SMALL])
     databases.run_text(["--coco-root", str(root), *data, "--split", split, "--features-dir", str(feats),
-                        "--encoder", "bert", "--no-progress"])
+                        "--encoder", "bert", "--bert-model", bert_model, "--no-progress"])
 
 
 @pytest.mark.slow
@@ -40,7 +41,7 @@ def test_flickr8k_root_through_the_pipeline_scoring_figures_and_server(tmp_path,
     assert all(p.is_file() for figs in summary["figures"].values() for p in map(__import__("pathlib").Path, figs))
 
     run = tmp_path / "runs" / "f8k" / "img2text_bert"  # the held-out test split, stage by stage
-    _features(root, "test", tmp_path / "features" / "f8k", "--dataset", "flickr8k")
+    _features(root, "test", tmp_path / "features" / "f8k", "--dataset", "flickr8k", bert_model=DEFAULT_BERT)
     embed.run(["--run", str(run), "--split", "test"])
     for direction in ("img2text", "text2img"):
         m = retrieve.run_metrics(["--run", str(run), "--split", "test"], direction)

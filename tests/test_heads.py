@@ -83,3 +83,19 @@ def test_bert_defaults_and_the_seed_recipe_one_flag_string_away():
     assert {k: seed[k] for k in keys} == {k: fasttext[k] for k in keys}
     assert seed["margin"] == (fasttext["margin"] or DEFAULT_MARGIN[fasttext["negatives"]]) == 1.0
     assert fasttext["head"] == "mlp" and fasttext["hidden"] == 1024 and fasttext["epochs"] == 30
+
+
+def test_feature_defaults_are_the_flickr8k_choice_and_reach_the_encoders():
+    """The feature stages default to the Flickr8k choice (bench/flickr8k.py): images at 384 px,
+    captions by all-mpnet-base-v2; an encoder built from the scripts' parsed defaults gets them,
+    and the seed's settings stay one flag away (--input-size 256, --bert-model minilm)."""
+    from crossmodal.databases import image_parser, text_parser
+    from crossmodal.image_encoders import build_image_encoder
+    from crossmodal.pipeline import parser as pipeline_parser
+
+    img = image_parser().parse_args(["--coco-root", ".", "--split", "val"])
+    enc = build_image_encoder(img.encoder, input_size=img.input_size, runtime="torch")
+    assert enc.input_size == 384 and enc.boxes.max() <= 384
+    assert build_image_encoder(img.encoder, input_size=256, runtime="torch").input_size == 256
+    assert text_parser().parse_args(["--coco-root", ".", "--split", "val"]).bert_model == "mpnet"
+    assert pipeline_parser().parse_args(["--demo"]).bert_model == "mpnet"

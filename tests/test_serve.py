@@ -44,7 +44,7 @@ def build_serve_run(base: Path, input_size: int = 128) -> dict:
     common = ["--coco-root", str(paths["root"]), "--features-dir", str(paths["features"]), "--no-progress"]
     for split in ("train", "val"):
         img_main([*common, "--split", split, "--input-size", str(input_size), "--workers", "0"])
-        text_main([*common, "--split", split, "--encoder", "bert"])
+        text_main([*common, "--split", split, "--encoder", "bert", "--bert-model", "minilm"])
     train_main(["--features-dir", str(paths["features"]), "--runs-dir", str(base / "runs"), "--name", "tiny",
                 "--epochs", "4", "--no-progress"])
     embed_main(["--run", str(paths["run"]), "--split", "val"])
