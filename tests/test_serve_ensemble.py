@@ -164,3 +164,40 @@ def test_the_command_line_serves_several_runs(pair, serve_run_dir, monkeypatch, 
         torch.set_num_threads(old)
     assert got["app"].state.searcher.info["run"] == f"{pair[0].name}+{pair[1].name}"
     assert any("serving tiny+tiny_ft" in r.getMessage() for r in caplog.records)
+
+
+def test_members_on_different_image_encoders_answer_uploads_by_the_averaged_similarity(serve_run_dir):  # noqa: F811
+    """The Flickr8k recipe's kind of ensemble (docs/ensembles.md): members trained on different
+    image encoders (EfficientNet-Lite0 and Lite1 features in one folder, told apart by
+    --image-encoder). An upload goes through both encoders and both heads; the answer is the naive
+    averaged similarity of the two members' own encoder + head."""
+    from get_features_captions import main as embed_main
+    from img2text_bert import main as train_main
+    from make_database_img import main as img_main
+
+    base, feats = serve_run_dir["run"].parent, serve_run_dir["features"]
+    l1 = base / "tiny_l1"
+    if not (l1 / "embeddings" / "val_emb_img.npy").is_file():
+        for split in ("train", "val"):
+            img_main(["--coco-root", str(serve_run_dir["root"]), "--features-dir", str(feats), "--no-progress",
+                      "--split", split, "--encoder", "effnet-lite1", "--input-size", "128", "--workers", "0"])
+        train_main(["--features-dir", str(feats), "--runs-dir", str(base), "--name", "tiny_l1", "--epochs", "3",
+                    "--image-encoder", "effnet-lite1", "--no-progress"])
+        embed_main(["--run", str(l1), "--split", "val"])
+    runs = [serve_run_dir["run"], l1]
+    s = Searcher.from_run(runs, "val", serve_run_dir["root"])
+    members = []
+    for run_dir in runs:
+        _, txt, _, im, tm = Run(run_dir).embeddings("val")
+        img_head, _ = heads_from_checkpoint(load_checkpoint(run_dir / im["checkpoint"]))
+        members.append({"txt": txt.astype(np.float64), "head": img_head, "im": im, "tm": tm,
+                        "enc": image_encoder_from_sidecar(read_meta(run_dir / im["features"]))})
+    assert {m["im"]["features"].rsplit("_", 1)[-1] for m in members} == {"effnet-lite0.npy", "effnet-lite1.npy"}
+    data = s.image_path(int(members[0]["im"]["ids"][2])).read_bytes()
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    cap_sims = 0.0
+    for m in members:
+        with torch.inference_mode():
+            q = m["head"](m["enc"]([m["enc"].preprocess(image)])).numpy().astype(np.float64)[0]
+        cap_sims = cap_sims + q @ m["txt"].T / len(members)
+    _agrees(s.upload_query(data, 5)["captions"], "caption_id", members[0]["tm"]["ids"], cap_sims, 5)
