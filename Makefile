@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (the whole pipeline on the embedded demo data) and `make test`.
-# Both create .venv/ from requirements.txt on first use and reuse it afterwards.
+# Both create .venv/ from requirements.txt and requirements-nodeps.txt on first use and reuse it afterwards.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -1,7 +1,8 @@
 """Training recipes at real scale: Flickr8k train (6,000 images, 30,000 captions), scored on dev.
 
-    python -m bench.flickr8k --configs defaults,seed-recipe --seeds 2
-    python -m bench.flickr8k --configs seed-recipe,defaults --curve 110,500,1000,2000,4000,6000 --seeds 1
+    python -m bench.flickr8k --configs l0-minilm,seed-recipe,defaults --seeds 2
+    python -m bench.flickr8k --configs seed-recipe,prev-defaults --base prev-defaults \
+        --curve 110,500,1000,2000,4000,6000 --seeds 1
     python -m bench.flickr8k --configs ens-best --mpnet mpnet
 
 The official Flickr8k files (``../shared/data/flickr8k``: ``Flickr8k.token.txt``,
@@ -203,11 +204,13 @@ def check_defaults(cfgs: dict) -> None:
         if c.txt.get("model") != default_model:
             raise SystemExit(f"bench/flickr8k.py: the {name!r} row's captions are {c.txt.get('model')!r}, not "
                              f"make_database_text.py's default {default_model!r}: update DEFAULT_TXT")
-        size = build_image_encoder("effnet-lite0", input_size=image_parser().get_default("input_size"),
-                                   runtime="torch").input_size
-        if c.img.get("input_size") != size or c.img.get("variant") != 0:
+        encoder = image_parser().get_default("encoder")
+        enc = build_image_encoder(encoder, input_size=image_parser().get_default("input_size"), runtime="torch")
+        want = {"variant": int(encoder[-1]), "input_size": enc.input_size, "levels": tuple(enc.levels),
+                "pool": enc.pool}
+        if {k: (tuple(v) if k == "levels" else v) for k, v in c.img.items()} != want:
             raise SystemExit(f"bench/flickr8k.py: the {name!r} row's images are {c.img}, not make_database_img.py's "
-                             f"default (effnet-lite0 at {size} px): update DEFAULT_IMG")
+                             f"default ({encoder} at {enc.input_size} px): update DEFAULT_IMG")
 
 
 def extra_configs(spec: str) -> list[Config]:
@@ -338,7 +341,8 @@ def main(argv=None):
     p.add_argument("--configs", default="defaults,defaults-t2i", help="comma-separated names")
     p.add_argument("--extra", default="", help="ad-hoc rows: 'name=--flag v --flag2 v;name2=...'")
     p.add_argument("--curve", default="", help="training-set sizes (first n train images by id): a learning curve")
-    p.add_argument("--base", default="defaults", help="the row every other is paired against")
+    p.add_argument("--base", default="l0-minilm", help="the row every other is paired against (default: the "
+                   "features every recipe row but the grid's and defaults' uses, Lite0 256 px + MiniLM)")
     p.add_argument("--figure", default=None, help="with --curve: write the learning curve here (PNG)")
     p.add_argument("--out", default="flickr8k", help="results name in bench/results/")
     p.add_argument("--threads", type=int, default=1)

@@ -11,7 +11,9 @@ Each rate is measured here, in this process, on:
   dimensions (bench.train_throughput's loop), the per-epoch validation metrics on 5K x 25K,
   the heads' embedding of every row.
 
-"before" is the pipeline's defaults when issue 16 was filed, "now" today's defaults, every
+"before" is the pipeline's defaults when issue 16 was filed, "now" its defaults after issue 16
+(Lite0 at 256 px, MiniLM, 384-d captions: the feature settings before the Flickr8k defaults of
+384 px and all-mpnet-base-v2, which take longer: docs/runtimes.md), every
 stage of both timed in this process, interleaved where they differ (median of ``--rounds``):
 images through PyTorch with full-size JPEG decoding (before) and the default image encoder;
 MiniLM through PyTorch (before) and the default caption runtime; the training loop as it ran

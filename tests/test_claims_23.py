@@ -2,7 +2,8 @@
 second pipeline on that output gets one line naming the holder, a pipeline on another output is not
 held up); the server's ``--threads`` sets the torch and Faiss threads a query runs with, in the
 request threads; uvicorn answers 503 once ``--max-connections`` connections are open. The one use of the pinned
-sentence-transformers: the reference that the offline BERT default is all-MiniLM-L6-v2 unchanged."""
+sentence-transformers: the reference that the offline BERT models (all-mpnet-base-v2, the default, and
+all-MiniLM-L6-v2) are computed unchanged."""
 
 import http.client
 import json

@@ -85,7 +85,7 @@ def test_bert_defaults_and_the_seed_recipe_one_flag_string_away():
     assert fasttext["head"] == "mlp" and fasttext["hidden"] == 1024 and fasttext["epochs"] == 30
 
 
-def test_feature_defaults_are_the_flickr8k_choice_and_reach_the_encoders():
+def test_feature_defaults_are_the_flickr8k_choice_and_reach_the_encoders(small_root, tmp_path, monkeypatch):
     """The feature stages default to the Flickr8k choice (bench/flickr8k.py): images at 384 px,
     captions by all-mpnet-base-v2; an encoder built from the scripts' parsed defaults gets them,
     and the seed's settings stay one flag away (--input-size 256, --bert-model minilm)."""
@@ -95,7 +95,21 @@ def test_feature_defaults_are_the_flickr8k_choice_and_reach_the_encoders():
 
     img = image_parser().parse_args(["--coco-root", ".", "--split", "val"])
     enc = build_image_encoder(img.encoder, input_size=img.input_size, runtime="torch")
-    assert enc.input_size == 384 and enc.boxes.max() <= 384
+    assert enc.input_size == 384 and float(enc.boxes.max()) == 384
     assert build_image_encoder(img.encoder, input_size=256, runtime="torch").input_size == 256
     assert text_parser().parse_args(["--coco-root", ".", "--split", "val"]).bert_model == "mpnet"
     assert pipeline_parser().parse_args(["--demo"]).bert_model == "mpnet"
+
+    import crossmodal.text_encoders as te
+    from crossmodal.databases import run_text
+
+    class ReachedError(Exception):
+        pass
+
+    def recording(model, **kw):  # the model the caption stage builds, without loading it
+        raise ReachedError(model)
+
+    monkeypatch.setattr(te, "BertEncoder", recording)
+    with pytest.raises(ReachedError, match="^mpnet$"):
+        run_text(["--coco-root", str(small_root), "--split", "val", "--features-dir", str(tmp_path),
+                  "--encoder", "bert", "--no-progress"])

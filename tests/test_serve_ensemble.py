@@ -166,16 +166,20 @@ def test_the_command_line_serves_several_runs(pair, serve_run_dir, monkeypatch, 
     assert any("serving tiny+tiny_ft" in r.getMessage() for r in caplog.records)
 
 
-def test_members_on_different_image_encoders_answer_uploads_by_the_averaged_similarity(serve_run_dir):  # noqa: F811
+def test_members_on_different_image_encoders_answer_uploads_by_the_averaged_similarity(serve_run_dir,  # noqa: F811
+                                                                                       tmp_path):
     """The Flickr8k recipe's kind of ensemble (docs/ensembles.md): members trained on different
     image encoders (EfficientNet-Lite0 and Lite1 features in one folder, told apart by
     --image-encoder). An upload goes through both encoders and both heads; the answer is the naive
     averaged similarity of the two members' own encoder + head."""
+    import shutil
+
     from get_features_captions import main as embed_main
     from img2text_bert import main as train_main
     from make_database_img import main as img_main
 
-    base, feats = serve_run_dir["run"].parent, serve_run_dir["features"]
+    base, feats = tmp_path / "runs", tmp_path / "features"  # a copy: the session's run folder stays as it is
+    shutil.copytree(serve_run_dir["features"], feats, ignore=shutil.ignore_patterns("*.lock"))
     l1 = base / "tiny_l1"
     if not (l1 / "embeddings" / "val_emb_img.npy").is_file():
         for split in ("train", "val"):
