@@ -196,6 +196,9 @@ def check_defaults(cfgs: dict) -> None:
     from crossmodal.train import build_parser
 
     default_model = text_parser().get_default("bert_model")
+    encoder = image_parser().get_default("encoder")
+    enc = build_image_encoder(encoder, input_size=image_parser().get_default("input_size"), runtime="torch")
+    want = {"variant": int(encoder[-1]), "input_size": enc.input_size, "levels": tuple(enc.levels), "pool": enc.pool}
     for name in ("defaults", "defaults-t2i"):
         c, p = cfgs[name], build_parser(cfgs[name].direction, "bert")
         if vars(p.parse_args(["--features-dir", ".", *c.argv])) != vars(p.parse_args(["--features-dir", "."])):
@@ -204,10 +207,6 @@ def check_defaults(cfgs: dict) -> None:
         if c.txt.get("model") != default_model:
             raise SystemExit(f"bench/flickr8k.py: the {name!r} row's captions are {c.txt.get('model')!r}, not "
                              f"make_database_text.py's default {default_model!r}: update DEFAULT_TXT")
-        encoder = image_parser().get_default("encoder")
-        enc = build_image_encoder(encoder, input_size=image_parser().get_default("input_size"), runtime="torch")
-        want = {"variant": int(encoder[-1]), "input_size": enc.input_size, "levels": tuple(enc.levels),
-                "pool": enc.pool}
         if {k: (tuple(v) if k == "levels" else v) for k, v in c.img.items()} != want:
             raise SystemExit(f"bench/flickr8k.py: the {name!r} row's images are {c.img}, not make_database_img.py's "
                              f"default ({encoder} at {enc.input_size} px): update DEFAULT_IMG")
